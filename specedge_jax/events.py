@@ -22,6 +22,11 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
   edge_busy       client_id, t_start, t_end (an interval in which an edge GPU was drafting)
 
 `system` names what produced the log: 'specedge', 'server_only_ar', 'server_only_spec', ...
+
+Optional on any event: `run_id`, a name shared by all logs of one experiment run (for example
+'specedge-c8'). The report groups events into runs by `run_id`, or by `system` when it is absent,
+so a sweep over client counts gives each run its own `run_id`. Warm-up forwards are not logged:
+the report takes a run's wall time as the span of its logged events.
 """
 
 from __future__ import annotations
