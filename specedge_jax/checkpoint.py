@@ -2,9 +2,11 @@
 
 HF folders (`config.json` plus `model.safetensors`, or shards listed in
 `model.safetensors.index.json`) map onto our stacked parameter tree by the rules in `NAME_MAP`.
-Reading is streaming: each tensor is memory-mapped from its file, transformed, and copied into a
-preallocated stacked buffer of the target dtype, so conversion never holds two copies of the
-model. Unknown, missing and mis-shaped tensors fail with an error that names the tensor.
+Reading is streaming: each tensor is located from the safetensors header, shape-checked, and read
+with plain file reads straight into a preallocated stacked buffer of the target dtype (through a
+one-tensor buffer when it needs a transpose or a cast), so conversion never holds two copies of
+the model. Unknown, missing and mis-shaped tensors, and shards that disagree with their index,
+fail with a `CheckpointError` that names the tensor.
 
 This module owns the name map and the HF file formats. Orbax save/restore lives in
 `orbax_io.py`; building a live `Transformer` from a parameter tree lives here (`build_model`).
@@ -161,48 +163,114 @@ def build_model(config: ModelConfig, params: dict, *, dtype=jnp.float32) -> Tran
 # Reading safetensors, streaming.
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+  """One tensor of a safetensors file, located from the header alone (nothing read yet)."""
+
+  name: str
+  path: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  offset: int  # absolute byte offset of the data in `path`
+  nbytes: int
+
+
 def _read_safetensors_header(path: str) -> tuple[dict, int]:
   with open(path, "rb") as f:
     raw_len = f.read(8)
     if len(raw_len) != 8:
       raise CheckpointError(f"{path} is too short to be a safetensors file")
     (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > os.path.getsize(path) - 8:
+      raise CheckpointError(f"{path} has a header length of {header_len} bytes, longer than "
+                            "the file: not a safetensors file, or truncated")
     try:
       header = json.loads(f.read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise CheckpointError(f"{path} has a malformed safetensors header: {e}") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path} has a malformed safetensors header: not a JSON object")
   header.pop("__metadata__", None)
   return header, 8 + header_len
 
 
-def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) for each tensor of a safetensors file, memory-mapped, one at a time.
-
-  Memory-mapping reads pages on demand, so a caller that copies each array into its destination
-  and drops it holds at most one tensor beyond its output. bf16 is read through `ml_dtypes`
-  (safetensors' numpy backend cannot return bf16).
-  """
+def safetensors_entries(path: str) -> list[TensorEntry]:
+  """The tensors of one safetensors file, in file order, validated against the file size."""
   header, data_start = _read_safetensors_header(path)
-  mapped = np.memmap(path, dtype=np.uint8, mode="r")
+  file_size = os.path.getsize(path)
+  entries = []
   for name, info in header.items():
-    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    try:
+      dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointError(f"tensor {name!r} in {path} has a malformed header entry "
+                            f"{info!r}") from e
+    dtype = SAFETENSORS_DTYPES.get(dtype_name)
     if dtype is None:
-      raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    yield name, mapped[data_start + begin:data_start + end].view(dtype).reshape(info["shape"])
+      raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {dtype_name}")
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - begin != nbytes or begin < 0 or data_start + end > file_size:
+      raise CheckpointError(
+          f"tensor {name!r} in {path}: data_offsets [{begin}, {end}) do not hold a {dtype_name} "
+          f"tensor of shape {shape} ({nbytes} bytes) inside the {file_size}-byte file")
+    entries.append(TensorEntry(name, path, dtype, shape, data_start + begin, nbytes))
+  return sorted(entries, key=lambda e: e.offset)  # sequential reads
+
+
+def _read_into(file, entry: TensorEntry, out: np.ndarray) -> None:
+  """Reads `entry`'s bytes straight into the C-contiguous array `out` (same size)."""
+  view = memoryview(out.reshape(-1).view(np.uint8))
+  file.seek(entry.offset)
+  done = 0
+  while done < entry.nbytes:  # one read() returns at most ~2 GiB on Linux
+    n = file.readinto(view[done:])
+    if not n:
+      raise CheckpointError(f"tensor {entry.name!r}: {entry.path} ended early")
+    done += n
+
+
+def read_tensor(file, entry: TensorEntry) -> np.ndarray:
+  """Reads one tensor into a fresh array of its own dtype."""
+  out = np.empty(entry.shape, entry.dtype)
+  _read_into(file, entry, out)
+  return out
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (name, array) for each tensor of a safetensors file, one at a time.
+
+  Tensors are read with plain file reads, not a memory map: pages of a map stay in the process's
+  resident set until it is unmapped, so mapping a whole file shows up as a second copy of the
+  model in peak RSS. bf16 is read through `ml_dtypes` (safetensors' numpy backend cannot).
+  """
+  with open(path, "rb", buffering=0) as f:
+    for entry in safetensors_entries(path):
+      yield entry.name, read_tensor(f, entry)
+
+
+def _read_index(index: str) -> dict[str, str]:
+  try:
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{index} is malformed (want {{\"weight_map\": {{name: file}}}}): "
+                          f"{e!r}") from e
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) for v in weight_map.values()):
+    raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+  return weight_map
 
 
 def hf_weight_files(folder: str) -> list[str]:
   """The safetensors files of an HF folder: single file, or the shards of the index."""
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"HF folder {folder} does not exist or is not a directory")
   index = os.path.join(folder, "model.safetensors.index.json")
   single = os.path.join(folder, "model.safetensors")
   if os.path.isfile(index):
-    with open(index) as f:
-      try:
-        weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index} is malformed: {e}") from e
-    files = sorted(set(weight_map.values()))
+    files = sorted(set(_read_index(index).values()))
     paths = [os.path.join(folder, name) for name in files]
     for p in paths:
       if not os.path.isfile(p):
@@ -213,35 +281,91 @@ def hf_weight_files(folder: str) -> list[str]:
   raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
-def load_hf_params(folder: str, config: ModelConfig | None = None,
-                   dtype: str | np.dtype = "fp32") -> tuple[ModelConfig, dict]:
+def hf_tensor_entries(folder: str) -> list[TensorEntry]:
+  """Every tensor of an HF folder (headers only). Shards must agree with the index."""
+  entries = [e for path in hf_weight_files(folder) for e in safetensors_entries(path)]
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    weight_map = _read_index(index)
+    found = set()
+    for e in entries:
+      listed = weight_map.get(e.name)
+      if listed != os.path.basename(e.path):
+        where = f"lists it in {listed}" if listed else "does not list it"
+        raise CheckpointError(f"tensor {e.name!r} is in {e.path} but {index} {where}")
+      found.add(e.name)
+    absent = sorted(set(weight_map) - found)
+    if absent:
+      raise CheckpointError(f"tensor {absent[0]!r} is listed in {index} ({weight_map[absent[0]]})"
+                            f" but is not in that shard" + (f" (and {len(absent) - 1} more)"
+                                                            if len(absent) > 1 else ""))
+  return entries
+
+
+def hf_config(folder: str) -> ModelConfig:
+  """The `ModelConfig` of an HF folder; a missing or malformed config.json is a CheckpointError."""
+  try:
+    return ModelConfig.from_hf_folder(folder)
+  except FileNotFoundError as e:
+    raise CheckpointError(str(e)) from e
+  except (ValueError, TypeError, AttributeError) as e:
+    raise CheckpointError(f"{os.path.join(folder, 'config.json')} is not a usable model config: "
+                          f"{e}") from e
+
+
+def _shape_after(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+  # Apply the transform to a zero-stride stand-in, so shapes are checked before any byte is read.
+  stand_in = np.broadcast_to(np.zeros((), np.uint8), shape)
+  return tuple((rule.to_ours(stand_in) if rule.to_ours else stand_in).shape)
+
+
+def load_hf_params(
+    folder: str,
+    config: ModelConfig | None = None,
+    dtype: str | np.dtype = "fp32",
+    on_tensor: Callable[[TensorEntry], None] | None = None,
+) -> tuple[ModelConfig, dict]:
   """Reads an HF folder into our stacked parameter tree (nested dict of numpy arrays).
 
-  Every tensor is checked against the name map and the expected shape; every expected tensor
-  must be present. Raises `CheckpointError` naming the tensor otherwise.
+  Streaming: each output array is allocated once in the target dtype, and each HF tensor is read
+  straight into its slot there (or, when it needs a transpose or a dtype cast, through a buffer of
+  that one tensor). Peak memory is therefore one model in the target dtype plus one tensor.
+
+  Every tensor is checked against the name map and the expected shape before it is read, and
+  every expected tensor must be present; otherwise `CheckpointError` names the tensor.
+  `on_tensor(entry)` is called after each tensor is placed (progress reporting).
   """
-  config = config or ModelConfig.from_hf_folder(folder)
-  np_dtype = DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+  config = config or hf_config(folder)
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    np_dtype = np.dtype(DTYPES[dtype])
+  else:
+    np_dtype = np.dtype(dtype)
   rules = active_rules(config)
   expected = jax.tree.map(lambda a: tuple(a.shape), abstract_params(config))
   params: dict[str, Any] = {}
   seen: set[str] = set()
-  for path in hf_weight_files(folder):
-    for name, array in iter_safetensors(path):
-      if IGNORED_HF_TENSORS.match(name):
+  entries = hf_tensor_entries(folder)
+  open_files: dict[str, Any] = {}
+  try:
+    for entry in entries:
+      name = entry.name
+      if IGNORED_HF_TENSORS.match(name) or (config.tie_word_embeddings
+                                            and name == "lm_head.weight"):
+        # Tied: the head is the embedding; some exports (Qwen3-1.7B) store a copy anyway.
+        if on_tensor:
+          on_tensor(entry)
         continue
-      if config.tie_word_embeddings and name == "lm_head.weight":
-        continue  # tied: the head is the embedding; some exports store a copy anyway.
       match = match_hf_name(name, rules)
       if match is None:
-        raise CheckpointError(f"unknown tensor {name!r} in {path}: no rule in the name map "
+        raise CheckpointError(f"unknown tensor {name!r} in {entry.path}: no rule in the name map "
                               f"for model_type={config.model_type!r}")
       rule, layer = match
       if name in seen:
         raise CheckpointError(f"tensor {name!r} appears twice")
       seen.add(name)
       full_shape = _get(expected, rule.ours)
-      value = rule.to_ours(array) if rule.to_ours else array
       if rule.per_layer:
         if not 0 <= layer < config.num_layers:
           raise CheckpointError(f"tensor {name!r}: layer {layer} is out of range "
@@ -249,18 +373,29 @@ def load_hf_params(folder: str, config: ModelConfig | None = None,
         want = full_shape[1:]
       else:
         want = full_shape
-      if tuple(value.shape) != tuple(want):
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}; expected "
+      if _shape_after(rule, entry.shape) != tuple(want):
+        raise CheckpointError(f"tensor {name!r} has shape {entry.shape}; expected "
                               f"{tuple(want)} after transform (model shape {full_shape})")
       try:
         dest = _get(params, rule.ours)
       except KeyError:
         dest = np.empty(full_shape, np_dtype)
         _set(params, rule.ours, dest)
-      if rule.per_layer:
-        dest[layer] = value
+      target = dest[layer] if rule.per_layer else dest  # a contiguous view
+      if entry.path not in open_files:
+        open_files[entry.path] = open(entry.path, "rb", buffering=0)
+      file = open_files[entry.path]
+      if rule.to_ours is None and entry.dtype == np_dtype:
+        _read_into(file, entry, target)  # no transform, no cast: straight into the output
       else:
-        dest[...] = value
+        array = read_tensor(file, entry)
+        target[...] = rule.to_ours(array) if rule.to_ours else array
+        del array
+      if on_tensor:
+        on_tensor(entry)
+  finally:
+    for file in open_files.values():
+      file.close()
   missing = []
   for rule in rules:
     layers = range(config.num_layers) if rule.per_layer else [None]

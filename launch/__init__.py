@@ -1,0 +1,1 @@
+"""Thin absl launchers; run from the repo root as `python -m launch.<name>`."""
