@@ -422,7 +422,7 @@ def load_hf_model(folder: str, dtype: str = "fp32", compute_dtype=None) -> Trans
 
 
 def hf_tensors(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (HF name, array in HF layout) for every tensor of `params`."""
+  """Yields (HF name, array in HF layout) for every tensor of `params`, one at a time."""
   for rule in active_rules(config):
     stacked = np.asarray(_get(params, rule.ours))
     layers = range(config.num_layers) if rule.per_layer else [None]
@@ -433,16 +433,67 @@ def hf_tensors(config: ModelConfig, params: dict) -> Iterator[tuple[str, np.ndar
       yield name, np.ascontiguousarray(value)
 
 
-def save_hf(folder: str, config: ModelConfig, params: dict, dtype: str = "fp32") -> None:
-  """Writes `config.json` and `model.safetensors` that transformers can load."""
-  from safetensors.numpy import save_file  # local: only export needs the writer
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
+
+def write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...], np.dtype]],
+                      tensors: Iterator[tuple[str, np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file tensor by tensor: the header from `specs`, then each array.
+
+  `tensors` yields (name, array) in the order of `specs`; each array is cast to its spec's dtype
+  and written before the next is produced, so only one tensor is held at a time (the
+  `safetensors` package's writers take the whole dict at once).
+  """
+  header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+  offset = 0
+  for name, shape, dtype in specs:
+    dtype = np.dtype(dtype)
+    if dtype not in _SAFETENSORS_NAMES:
+      raise CheckpointError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the format pads the header so the data is 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    written = 0
+    for (name, shape, dtype), (got_name, array) in zip(specs, tensors, strict=True):
+      if got_name != name or tuple(array.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {got_name!r} {tuple(array.shape)} arrived where the header "
+                              f"promised {name!r} {tuple(shape)}")
+      array = np.ascontiguousarray(array, dtype=dtype)
+      f.write(array.reshape(-1).view(np.uint8).data)
+      written += 1
+  if written != len(specs):
+    raise CheckpointError(f"{path}: {len(specs)} tensors promised, {written} written")
+
+
+def save_hf(folder: str, config: ModelConfig, params: dict, dtype: str = "fp32") -> None:
+  """Writes `config.json` and `model.safetensors` that transformers can load (streaming)."""
   os.makedirs(folder, exist_ok=True)
-  np_dtype = DTYPES[dtype]
-  tensors = {name: value.astype(np_dtype) for name, value in hf_tensors(config, params)}
-  save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+  np_dtype = np.dtype(DTYPES[dtype])
+  specs = [(name, value.shape, np_dtype) for name, value in
+           _hf_shapes(config, jax.tree.map(lambda a: tuple(a.shape), params))]
+  write_safetensors(os.path.join(folder, "model.safetensors"), specs, hf_tensors(config, params),
+                    metadata={"format": "pt"})
   hf_config = config.to_hf_dict()
-  hf_config["torch_dtype"] = {np.float32: "float32", np.float16: "float16",
-                              ml_dtypes.bfloat16: "bfloat16"}[np_dtype]
+  hf_config["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
+                              np.dtype(ml_dtypes.bfloat16): "bfloat16"}[np_dtype]
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
+
+
+def _hf_shapes(config: ModelConfig, shapes: dict) -> Iterator[tuple[str, np.ndarray]]:
+  """Like `hf_tensors`, on zero-stride stand-ins: HF names and shapes, nothing allocated."""
+  stand_ins = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.uint8), s), shapes,
+                           is_leaf=lambda x: isinstance(x, tuple))
+  for rule in active_rules(config):
+    stacked = _get(stand_ins, rule.ours)
+    for layer in (range(config.num_layers) if rule.per_layer else [None]):
+      value = stacked[layer] if rule.per_layer else stacked
+      yield (rule.hf.format(layer=layer) if rule.per_layer else rule.hf,
+             rule.to_hf(value) if rule.to_hf else value)

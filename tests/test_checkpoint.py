@@ -182,6 +182,26 @@ def test_shards_that_disagree_with_their_index_name_the_tensor(tiny_hf, tmp_path
     checkpoint.load_hf_params(sharded)
 
 
+def test_save_hf_round_trips_through_transformers(tiny_hf, tmp_path):
+  """Export streams its own safetensors writer: safetensors, transformers and we must read it."""
+  folder, model, _, state = tiny_hf
+  config, params = checkpoint.load_hf_params(folder)
+  checkpoint.save_hf(str(tmp_path / "export"), config, params)
+  import safetensors.numpy
+  reread = safetensors.numpy.load_file(str(tmp_path / "export" / "model.safetensors"))
+  assert set(reread) == set(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(reread[name], value, err_msg=name)
+  import transformers
+  exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+  tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+  with torch.no_grad():
+    np.testing.assert_array_equal(exported(tokens).logits.numpy(), model(tokens).logits.numpy())
+  checkpoint.save_hf(str(tmp_path / "export_bf16"), config, params, dtype="bf16")
+  _, bf16 = checkpoint.load_hf_params(str(tmp_path / "export_bf16"), dtype="bf16")
+  assert_bit_identical(bf16, jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params))
+
+
 def test_orbax_save_does_not_copy_host_arrays(tmp_path):
   """Orbax's default numpy handler deep-copies every array before writing; ours must not.
 
