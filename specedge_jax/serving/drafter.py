@@ -1,0 +1,392 @@
+"""The edge drafter: one draft model, K interleaved user requests, one verifier over gRPC.
+
+What this module owns: the client side of `specedge.v1.Verifier` (open, verify, close, retry when
+the server is full), the edge "device" thread that runs every `DraftEngine` call, the pipeline
+that interleaves K requests and drafts proactively while a tree is in flight, the simulated
+network delay, token streaming to a callback, and the edge's JSONL events (request_start,
+request_step, request_end, edge_busy). It never touches model internals: the draft side goes
+through the `DraftEngine` contract (`open`, `draft`, `draft_proactive`, `commit`, `close`).
+
+Threads and queues
+------------------
+* The asyncio event-loop thread runs one task per in-flight user request (at most K =
+  `max_concurrent_requests`) plus grpc.aio's client calls. A task never computes: it awaits
+  the edge device, then the network, then the device again.
+* The edge device thread (`EdgeDevice`) is the only caller of the `DraftEngine` (not
+  thread-safe), just as a real edge has one GPU. It serves a priority queue: critical-path work
+  (open, draft, commit, close) at priority 0, proactive drafting at priority 1, FIFO within a
+  priority. Results go back to the loop with `call_soon_threadsafe`.
+
+Pipeline-aware scheduling: while request A's tree is on the wire or being verified, A's task
+is suspended on the gRPC call, so the device thread drafts B's tree. With proactive drafting
+on, A also queues `draft_proactive(A)` at low priority before it sends: it runs whenever the
+device would otherwise idle, never ahead of another request's draft. When A's answer arrives,
+a proactive job that has not started yet is dropped (the answer makes it useless); one already
+running finishes before A's commit (same thread, in order). With `interleave=False` the K
+requests take turns: a request holds the turn from its draft to its commit, so drafting never
+overlaps a verification (the ablation of the paper's pipelining).
+
+Simulated network: `simulated_rtt_ms` sleeps half before each send and half after each
+receive, in the request's task, so it delays that request only (as a real link would), not the
+device or other requests.
+
+Where the GIL blocks: the device thread holds the GIL while it builds small numpy trees and
+releases it while XLA runs the draft model; the loop thread takes it for protobuf work and
+callbacks, microseconds per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from specedge_jax.events import EventLog
+from specedge_jax.sampling import SamplingParams
+from specedge_jax.serving import specedge_pb2, specedge_pb2_grpc
+
+_log = logging.getLogger(__name__)
+
+# on_tokens(request_id, new_tokens, finished)
+TokenCallback = Callable[[str, list[int], bool], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+  """How one edge drafter serves its requests."""
+
+  client_id: str = "edge0"
+  max_concurrent_requests: int = 2  # K: requests interleaved on this edge
+  interleave: bool = True  # draft one request while another waits on the server
+  proactive: bool = False  # call draft_proactive while a tree is in flight
+  max_new_tokens: int = 64
+  sampling: SamplingParams = SamplingParams()
+  seed: int = 0  # request i of this drafter gets seed + i
+  simulated_rtt_ms: float = 0.0
+  open_retry_initial_s: float = 0.02  # backoff when the server has no free slot
+  open_retry_max_s: float = 1.0
+  open_give_up_s: float = 300.0
+  rpc_timeout_s: float = 120.0
+
+  def __post_init__(self):
+    if self.max_concurrent_requests < 1:
+      raise ValueError(f"max_concurrent_requests must be >= 1, got "
+                       f"{self.max_concurrent_requests}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.simulated_rtt_ms >= 0:
+      raise ValueError(f"simulated_rtt_ms must be >= 0, got {self.simulated_rtt_ms}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeRequest:
+  """One user request: a prompt as token ids or as text (tokenized by the server)."""
+
+  request_id: str
+  prompt_ids: tuple[int, ...] = ()
+  prompt_text: str = ""
+  dataset: str | None = None
+  category: str | None = None
+
+  def __post_init__(self):
+    if bool(self.prompt_ids) == bool(self.prompt_text):
+      raise ValueError(f"request {self.request_id!r}: give exactly one of prompt_ids and "
+                       "prompt_text")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  request_id: str
+  prompt_tokens: int
+  tokens: list[int]  # generated tokens, the first one included
+  finish_reason: str  # 'eos' | 'length' | 'error'
+  steps: int = 0  # verification rounds
+  accepted_depths: list[int] = dataclasses.field(default_factory=list)
+  proactive_hits: list[bool] = dataclasses.field(default_factory=list)
+  error: str = ""
+
+
+class EdgeDevice:
+  """The edge GPU: one thread runs every DraftEngine call, lowest priority number first."""
+
+  CRITICAL, PROACTIVE = 0, 1
+
+  @dataclasses.dataclass
+  class Job:
+    fn: Callable[..., Any]
+    args: tuple
+    op: str
+    future: asyncio.Future
+    cancelled: bool = False
+    started: bool = False
+    duration_s: float = 0.0
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, *, client_id: str,
+               event_log: EventLog | None = None, event_tags: dict | None = None):
+    self._loop = loop
+    self._client_id = client_id
+    self._events = event_log
+    self._tags = event_tags or {}
+    self._queue: queue.PriorityQueue = queue.PriorityQueue()
+    self._order = itertools.count()
+    self._thread = threading.Thread(target=self._run, name=f"edge-{client_id}", daemon=True)
+    self._thread.start()
+    self.busy_s = 0.0
+
+  def submit(self, fn: Callable[..., Any], *args, op: str,
+             priority: int = CRITICAL) -> "EdgeDevice.Job":
+    job = EdgeDevice.Job(fn=fn, args=args, op=op, future=self._loop.create_future())
+    self._queue.put((priority, next(self._order), job))
+    return job
+
+  async def run(self, fn: Callable[..., Any], *args, op: str) -> Any:
+    """Runs fn(*args) on the device at critical priority and returns its result."""
+    return await self.submit(fn, *args, op=op).future
+
+  @staticmethod
+  def cancel(job: "EdgeDevice.Job") -> bool:
+    """Drops a job that has not started; True if it was dropped. (A flag read by the device
+    thread: the GIL makes the read and write atomic, and a job that already started is left to
+    finish.)"""
+    if job.started:
+      return False
+    job.cancelled = True
+    return True
+
+  def stop(self) -> None:
+    self._queue.put((-1, next(self._order), None))
+    self._thread.join()
+
+  def _run(self) -> None:
+    while True:
+      _, _, job = self._queue.get()
+      if job is None:
+        return
+      if job.cancelled:
+        self._resolve(job, None, None)
+        continue
+      job.started = True
+      started = time.time()
+      try:
+        result, error = job.fn(*job.args), None
+      except Exception as e:  # pylint: disable=broad-except (the awaiting task re-raises it)
+        result, error = None, e
+      ended = time.time()
+      job.duration_s = ended - started
+      self.busy_s += job.duration_s
+      if self._events is not None:
+        self._events.emit("edge_busy", client_id=self._client_id, t_start=started, t_end=ended,
+                          op=job.op, **self._tags)
+      self._resolve(job, result, error)
+
+  def _resolve(self, job, result, error) -> None:
+    def resolve():
+      if job.future.done():
+        return
+      if error is not None:
+        job.future.set_exception(error)
+      else:
+        job.future.set_result(result)
+
+    try:
+      self._loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # loop closed during shutdown
+      pass
+
+
+class ServerError(RuntimeError):
+  """The verifier answered with an error status."""
+
+
+class Drafter:
+  """Serves a list of requests through one verifier, K at a time, on one draft engine.
+
+  Usage (inside a running event loop):
+
+      async with grpc.aio.insecure_channel("127.0.0.1:50051") as channel:
+        drafter = Drafter(draft_engine, channel, DrafterConfig(client_id="edge0"))
+        outputs = await drafter.run(requests)
+  """
+
+  def __init__(self, engine, channel: grpc.aio.Channel, config: DrafterConfig, *,
+               event_log: EventLog | None = None, event_tags: dict | None = None,
+               on_tokens: TokenCallback | None = None, make_result: Callable | None = None):
+    self.engine = engine
+    self.config = config
+    self._stub = specedge_pb2_grpc.VerifierStub(channel)
+    self._events = event_log
+    self._tags = dict(event_tags or {})
+    self._on_tokens = on_tokens
+    if make_result is None:
+      from specedge_jax.engine import VerifyResult  # pylint: disable=g-import-not-at-top
+      make_result = VerifyResult
+    self._make_result = make_result
+    self._device: EdgeDevice | None = None
+    self._turn: asyncio.Lock | None = None
+
+  def _emit(self, kind: str, **fields) -> None:
+    if self._events is not None:
+      self._events.emit(kind, client_id=self.config.client_id, **self._tags, **fields)
+
+  async def _network_delay(self) -> None:
+    if self.config.simulated_rtt_ms > 0:
+      await asyncio.sleep(self.config.simulated_rtt_ms / 2000.0)
+
+  async def _call(self, method, request):
+    await self._network_delay()
+    try:
+      response = await method(request, timeout=self.config.rpc_timeout_s)
+    except grpc.aio.AioRpcError as e:
+      raise ServerError(f"{e.code().name}: {e.details()}") from e
+    await self._network_delay()
+    return response
+
+  async def run(self, requests: Sequence[EdgeRequest]) -> list[RequestOutput]:
+    """Serves every request; K at a time. Returns outputs in request order."""
+    loop = asyncio.get_running_loop()
+    self._device = EdgeDevice(loop, client_id=self.config.client_id, event_log=self._events,
+                              event_tags=self._tags)
+    self._turn = asyncio.Lock()
+    todo = list(enumerate(requests))
+    outputs: list[RequestOutput | None] = [None] * len(requests)
+
+    async def worker():
+      while todo:
+        index, request = todo.pop(0)
+        outputs[index] = await self._serve(request, seed=self.config.seed + index)
+
+    try:
+      await asyncio.gather(*(worker() for _ in range(self.config.max_concurrent_requests)))
+    finally:
+      await loop.run_in_executor(None, self._device.stop)
+    return outputs
+
+  async def _open_session(self, request: EdgeRequest, seed: int):
+    config = self.config
+    sampling = specedge_pb2.SamplingParams(temperature=config.sampling.temperature,
+                                           top_p=config.sampling.top_p,
+                                           top_k=config.sampling.top_k)
+    message = specedge_pb2.OpenSessionRequest(
+        prompt_text=request.prompt_text, prompt_token_ids=request.prompt_ids, sampling=sampling,
+        seed=seed, max_new_tokens=config.max_new_tokens, client_id=config.client_id,
+        request_id=request.request_id)
+    delay, give_up = config.open_retry_initial_s, time.monotonic() + config.open_give_up_s
+    while True:
+      await self._network_delay()
+      try:
+        response = await self._stub.OpenSession(message, timeout=config.rpc_timeout_s)
+        await self._network_delay()
+        return response
+      except grpc.aio.AioRpcError as e:
+        # A full server is normal under load: back off and retry, with no barrier or global
+        # coordination between clients.
+        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > give_up:
+          raise ServerError(f"OpenSession: {e.code().name}: {e.details()}") from e
+      await asyncio.sleep(delay)
+      delay = min(2 * delay, config.open_retry_max_s)
+
+  async def _serve(self, request: EdgeRequest, seed: int) -> RequestOutput:
+    t_submit = time.time()
+    output = RequestOutput(request_id=request.request_id, prompt_tokens=len(request.prompt_ids),
+                           tokens=[], finish_reason="error")
+    session_id, draft_slot = None, None
+    started_logged = False
+    try:
+      opened = await self._open_session(request, seed)
+      session_id = opened.session_id
+      prompt_ids = tuple(request.prompt_ids) or tuple(opened.prompt_token_ids)
+      output.prompt_tokens = opened.prompt_tokens
+      self._emit("request_start", t=t_submit, request_id=request.request_id,
+                 prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
+                 category=request.category)
+      started_logged = True
+      output.tokens.append(opened.first_token)
+      self._emit("request_step", request_id=request.request_id, n_tokens=1, draft_time_s=0.0,
+                 wait_time_s=time.time() - t_submit, tree_size=0, accepted_depth=None,
+                 proactive_hit=None, phase="prefill")
+      self._stream([opened.first_token], opened.finished, request.request_id)
+      finished, reason = opened.finished, opened.finish_reason
+      root = opened.first_token
+      if not finished:
+        draft_slot = await self._device.run(self.engine.open, prompt_ids, opened.first_token,
+                                            op="prefill")
+      while not finished:
+        if self.config.interleave:
+          response, step = await self._round(request, session_id, draft_slot, root)
+        else:
+          async with self._turn:
+            response, step = await self._round(request, session_id, draft_slot, root)
+        output.steps += 1
+        output.tokens.extend(response.emitted_tokens)
+        output.accepted_depths.append(len(response.accepted_tokens))
+        if step["proactive_hit"] is not None:
+          output.proactive_hits.append(bool(step["proactive_hit"]))
+        self._emit("request_step", request_id=request.request_id,
+                   n_tokens=len(response.emitted_tokens), phase="verify", **step)
+        self._stream(list(response.emitted_tokens), response.finished, request.request_id)
+        finished, reason, root = response.finished, response.finish_reason, response.bonus_token
+      output.finish_reason = reason or "length"
+    except Exception as e:  # pylint: disable=broad-except (one request's failure is reported)
+      _log.error("request %s failed: %s", request.request_id, e)
+      output.error = f"{type(e).__name__}: {e}"
+      output.finish_reason = "error"
+    finally:
+      if not started_logged:
+        self._emit("request_start", t=t_submit, request_id=request.request_id,
+                   prompt_tokens=output.prompt_tokens, dataset=request.dataset,
+                   category=request.category)
+      if draft_slot is not None:
+        await self._device.run(self.engine.close, draft_slot, op="close")
+      if session_id is not None:
+        try:
+          await self._call(self._stub.CloseSession,
+                           specedge_pb2.CloseSessionRequest(session_id=session_id))
+        except ServerError as e:
+          _log.warning("closing session of %s: %s", request.request_id, e)
+      self._emit("request_end", request_id=request.request_id, n_generated=len(output.tokens),
+                 finished_reason=output.finish_reason, error=output.error or None)
+    return output
+
+  async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int):
+    """One draft -> verify -> commit round of one request."""
+    draft_job = self._device.submit(self.engine.draft, draft_slot, op="draft")
+    tree = await draft_job.future
+    tokens = np.asarray(tree.tokens)
+    parents = np.asarray(tree.parents)
+    if int(tokens[0]) != root:
+      raise RuntimeError(f"draft engine rooted the tree at {int(tokens[0])}, expected {root}")
+    proactive_job = None
+    if self.config.proactive:
+      proactive_job = self._device.submit(self.engine.draft_proactive, draft_slot,
+                                          op="proactive", priority=EdgeDevice.PROACTIVE)
+    sent = time.time()
+    response = await self._call(self._stub.Verify, specedge_pb2.VerifyRequest(
+        session_id=session_id, root_token=root, tokens=tokens[1:].tolist(),
+        parents=parents[1:].tolist()))
+    wait_time = time.time() - sent
+    if proactive_job is not None:
+      EdgeDevice.cancel(proactive_job)
+    result = self._make_result(accepted=list(response.accepted_tokens),
+                               bonus=int(response.bonus_token),
+                               emitted=list(response.emitted_tokens),
+                               finished=bool(response.finished))
+    hit = await self._device.run(self.engine.commit, draft_slot, result, op="commit")
+    return response, dict(draft_time_s=draft_job.duration_s, wait_time_s=wait_time,
+                          tree_size=int(tokens.size - 1),
+                          accepted_depth=len(response.accepted_tokens),
+                          proactive_hit=None if hit is None else bool(hit),
+                          server_queue_time_s=response.timing.queue_time_s,
+                          server_forward_time_s=response.timing.forward_time_s,
+                          server_batch_size=response.timing.batch_size)
+
+  def _stream(self, tokens: list[int], finished: bool, request_id: str) -> None:
+    if self._on_tokens is not None:
+      self._on_tokens(request_id, tokens, finished)
