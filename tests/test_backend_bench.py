@@ -1,0 +1,61 @@
+"""The XLA-vs-PyTorch benchmark computes the same thing on both sides: its torch tree forward
+(4D mask + cache) and our jitted forward agree on every node's logits, and each node's logits
+equal a plain forward of its root-to-node path."""
+
+import numpy as np
+import pytest
+import torch
+
+from specedge_jax import backend_bench as bb
+
+from conftest import make_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("bench_qwen3")
+  make_hf_model("qwen3").save_pretrained(folder)
+  return str(folder)
+
+
+def test_random_tree_is_a_tree():
+  depth, ancestors = bb.random_tree(np.random.default_rng(0), 12)
+  assert depth[0] == 0 and ancestors[0].sum() == 1
+  for node in range(1, 12):
+    # Ancestors of a node: itself plus one node at each shallower depth.
+    assert ancestors[node].sum() == depth[node] + 1
+    assert sorted(depth[ancestors[node]]) == list(range(depth[node] + 1))
+
+
+@pytest.mark.parametrize("kind,batch,tree_size", [("verify", 2, 6), ("decode", 2, 1)])
+def test_variants_agree_and_match_path_forward(tiny_dir, kind, batch, tree_size):
+  config = bb.BenchConfig(prefix_len=5, repeats=2, warmup=1)
+  case = bb.Case(kind, batch, tree_size)
+  runners = bb.make_runners(tiny_dir, ("jax", "torch-eager-dynamic", "torch-eager-static"))
+  result = bb.run_case(case, runners, config, vocab_size=97)
+  for name, variant in result.results.items():
+    assert variant.error is None, (name, variant.error)
+    assert variant.median_ms > 0
+    if name != "jax":
+      assert variant.max_abs_logit_diff < bb.LOGIT_ATOL
+  # Ground truth for the last lane's deepest node: a plain causal forward of prefix + path.
+  inputs = bb.make_inputs(case, config.prefix_len, 97, config.seed)
+  jax_logits = bb._to_numpy(runners[0].call())
+  lane = batch - 1
+  node = int(np.argmax(inputs.depth[lane]))
+  path = np.flatnonzero(inputs.ancestors[lane, node])  # ancestors come before descendants
+  sequence = np.concatenate([inputs.prefix[lane], inputs.tokens[lane, path]])
+  with torch.no_grad():
+    expected = runners[1].model(torch.tensor(sequence[None], dtype=torch.long)).logits[0, -1]
+  np.testing.assert_allclose(jax_logits[lane, node], expected.numpy(), atol=bb.LOGIT_ATOL)
+
+
+def test_table_and_unknown_variant(tiny_dir):
+  with pytest.raises(ValueError, match="unknown variants"):
+    bb.make_runners(tiny_dir, ("jax", "tensorflow"))
+  result = bb.CaseResult(bb.Case("verify", 1, 32), {
+      "jax": bb.VariantResult(2.0, 1.0, 3.0, 0.5, None),
+      "torch-compile": bb.VariantResult(None, None, None, None, None, "BackendCompilerFailed")})
+  assert result.ratio("torch-compile") is None
+  assert bb.errors_of([result]) == ["verify B=1 T=32 torch-compile: BackendCompilerFailed"]
+  bb.results_table([result], ("jax", "torch-compile"))  # renders a failed variant
