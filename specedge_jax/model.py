@@ -37,7 +37,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(x.dtype) * x32.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
 def _linear(fan_in, fan_out, use_bias, dtype, param_dtype, rngs):

@@ -1,0 +1,161 @@
+"""Invariant 2 (greedy speculative output == target greedy output) and invariant 5 (no
+recompilation in steady state), plus cache donation and chunked prefill."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specedge_jax import draft as draft_lib
+from specedge_jax import engine as E
+from specedge_jax import kv_cache as kv
+from specedge_jax import tree as tree_lib
+from specedge_jax import verify as verify_lib
+from specedge_jax.model import causal_mask
+
+import spec_models
+
+VOCAB = 64
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def pair():
+  return spec_models.make_pair(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(pair):
+  target, _ = pair
+  prompts = spec_models.prompts(20, VOCAB, seed=1)
+  engine = E.TargetEngine(target, num_slots=3, max_len=96, max_tree_nodes=33, max_batch_size=3)
+  return prompts, E.generate(engine, prompts, max_new_tokens=MAX_NEW).tokens
+
+
+TREES = {
+    "budget32": E.TreeParams(max_n_beams=8, max_beam_len=4, max_branch_width=4, max_budget=32),
+    "budget1": E.TreeParams(max_n_beams=1, max_beam_len=4, max_branch_width=1, max_budget=1),
+    "chain4": E.TreeParams(max_n_beams=1, max_beam_len=4, max_branch_width=1, max_budget=4),
+}
+
+
+@pytest.mark.parametrize("mode", ["disabled", "excluded", "included"])
+@pytest.mark.parametrize("tree_name", sorted(TREES))
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_speculative_equals_target_greedy(pair, greedy_reference, mode, tree_name,
+                                                 batch_size):
+  if tree_name != "budget32" and mode == "included":
+    pytest.skip("small trees are covered with modes disabled/excluded")
+  target, draft = pair
+  prompts, reference = greedy_reference
+  target_engine = E.TargetEngine(target, num_slots=3, max_len=96, max_tree_nodes=33,
+                                 max_batch_size=batch_size)
+  draft_engine = E.DraftEngine(
+      draft, num_slots=3, max_len=96, tree=TREES[tree_name],
+      proactive=E.ProactiveParams(mode=mode, max_n_beams=4, max_beam_len=2, max_branch_width=4,
+                                  max_budget=6))
+  out = E.generate(target_engine, prompts, draft=draft_engine, max_new_tokens=MAX_NEW)
+  assert out.tokens == reference
+  emitted = [n for step in out.steps for n in step.emitted]
+  assert max(emitted) > 1, "the draft never got a token accepted: the test would prove little"
+  if mode != "disabled":
+    hits = [h for step in out.steps for h in step.proactive_hits]
+    assert any(hits), "proactive drafting never hit"
+  # Every slot is free again.
+  assert target_engine.num_free_slots == 3
+
+
+def test_trained_style_pair_accepts_deep_paths(pair):
+  """With an identical draft, SpecExec should accept (nearly) full-depth paths."""
+  target, _ = pair
+  prompts = spec_models.prompts(4, VOCAB, seed=5)
+  target_engine = E.TargetEngine(target, num_slots=4, max_len=96, max_tree_nodes=33,
+                                 max_batch_size=4)
+  draft_engine = E.DraftEngine(target, num_slots=4, max_len=96, tree=TREES["budget32"])
+  out = E.generate(target_engine, prompts, draft=draft_engine, max_new_tokens=MAX_NEW)
+  assert out.mean_accepted > 4.0
+
+
+def test_eos_and_max_new_tokens(pair):
+  target, draft = pair
+  prompts = spec_models.prompts(6, VOCAB, seed=2)
+  plain = E.TargetEngine(target, num_slots=3, max_len=96, max_tree_nodes=33, max_batch_size=3)
+  reference = E.generate(plain, prompts, max_new_tokens=MAX_NEW).tokens
+  # Make the 5th generated token of the first prompt an EOS: generation must stop right there.
+  eos = reference[0][4]
+  for engine_draft in (None, E.DraftEngine(draft, num_slots=3, max_len=96,
+                                           tree=TREES["budget32"])):
+    engine = E.TargetEngine(target, num_slots=3, max_len=96, max_tree_nodes=33,
+                            max_batch_size=3, eos_token_ids=[eos])
+    out = E.generate(engine, prompts, draft=engine_draft, max_new_tokens=MAX_NEW).tokens
+    for ref, got in zip(reference, out):
+      expected = ref[:ref.index(eos) + 1] if eos in ref else ref
+      assert got == expected
+  short = E.generate(plain, prompts, draft=E.DraftEngine(draft, num_slots=3, max_len=96),
+                     max_new_tokens=3).tokens
+  assert [len(t) for t in short] == [3] * len(prompts)
+
+
+def test_chunked_prefill_matches_full_forward(pair):
+  target, _ = pair
+  prompt = spec_models.prompts(1, VOCAB, seed=3, min_len=150, max_len=150)[0]
+  cache = kv.KVCache.init(target.config, 2, 192)
+  graphdef, state = jax.tree.map(lambda x: x, E.nnx.split(target))
+  cache, last = E._prefill(graphdef, state, cache, 1, prompt, 0, (8, 64))
+  logits, _ = target(jnp.asarray([prompt]), jnp.arange(len(prompt))[None],
+                     causal_mask(jnp.array([len(prompt)]), len(prompt)))
+  np.testing.assert_allclose(np.asarray(last), np.asarray(logits[0, -1]), atol=1e-4)
+
+
+def test_verify_and_grow_donate_their_caches(pair):
+  target, draft = pair
+  engine = E.TargetEngine(target, num_slots=2, max_len=64, max_tree_nodes=9, max_batch_size=2)
+  slot, first, _ = engine.open([1, 2, 3], E.SamplingParams(), 0, 8)
+  before = engine.cache
+  engine.verify([(slot, E.DraftTree(np.array([first], np.int32), np.array([-1], np.int32)))])
+  assert before.k.is_deleted() and before.v.is_deleted()
+
+  draft_engine = E.DraftEngine(draft, num_slots=1, max_len=64, tree=TREES["budget32"])
+  dslot = draft_engine.open([1, 2, 3], first)
+  before = draft_engine.cache
+  draft_engine.draft(dslot)
+  assert before.k.is_deleted() and before.v.is_deleted()
+
+
+def test_padded_lanes_touch_no_live_slot(pair):
+  """A batch of 1 padded to 2 lanes (lane 1 padded to slot 0) leaves slot 0 untouched."""
+  target, _ = pair
+  engine = E.TargetEngine(target, num_slots=2, max_len=64, max_tree_nodes=9, max_batch_size=2)
+  slot0, _, _ = engine.open([5, 6, 7, 8], E.SamplingParams(), 0, 8)
+  slot1, first, _ = engine.open([1, 2, 3], E.SamplingParams(), 0, 8)
+  snapshot = np.asarray(engine.cache.k[:, slot0])
+  engine.verify([(slot1, E.DraftTree(np.array([first, 3, 4], np.int32),
+                                     np.array([-1, 0, 0], np.int32)))])
+  np.testing.assert_array_equal(np.asarray(engine.cache.k[:, slot0]), snapshot)
+
+
+def test_no_recompilation_in_steady_state(pair):
+  """50 steps of mixed prompts and accept lengths after warm-up compile nothing."""
+  target, draft = pair
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *_args, **_kw: compiles.append(name)
+      if name == "/jax/core/compile/backend_compile_duration" else None)
+  target_engine = E.TargetEngine(target, num_slots=4, max_len=128, max_tree_nodes=33,
+                                 max_batch_size=4)
+  draft_engine = E.DraftEngine(
+      draft, num_slots=4, max_len=128, tree=TREES["budget32"],
+      proactive=E.ProactiveParams(mode="excluded", max_n_beams=4, max_beam_len=2,
+                                  max_branch_width=4, max_budget=6))
+  target_engine.warmup()
+  # Warm-up pass over the same kinds of work (prompt chunk sizes, every batch size, hits and
+  # misses) the measured pass will do.
+  E.generate(target_engine, spec_models.prompts(8, VOCAB, seed=10, max_len=40),
+             draft=draft_engine, max_new_tokens=20)
+  E.generate(target_engine, spec_models.prompts(3, VOCAB, seed=11), max_new_tokens=4)
+  compiles.clear()
+  out = E.generate(target_engine, spec_models.prompts(12, VOCAB, seed=12, max_len=40),
+                   draft=draft_engine, max_new_tokens=24)
+  assert len(out.steps) >= 50
+  assert len({n for s in out.steps for n in s.emitted}) > 2, "accept lengths did not vary"
+  assert compiles == [], f"{len(compiles)} compilations in steady state"
