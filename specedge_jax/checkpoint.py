@@ -477,7 +477,7 @@ def save_hf(folder: str, config: ModelConfig, params: dict, dtype: str = "fp32")
   os.makedirs(folder, exist_ok=True)
   np_dtype = np.dtype(DTYPES[dtype])
   specs = [(name, value.shape, np_dtype) for name, value in
-           _hf_shapes(config, jax.tree.map(lambda a: tuple(a.shape), params))]
+           hf_shapes(config, jax.tree.map(lambda a: tuple(a.shape), params))]
   write_safetensors(os.path.join(folder, "model.safetensors"), specs, hf_tensors(config, params),
                     metadata={"format": "pt"})
   hf_config = config.to_hf_dict()
@@ -487,7 +487,7 @@ def save_hf(folder: str, config: ModelConfig, params: dict, dtype: str = "fp32")
     json.dump(hf_config, f, indent=2)
 
 
-def _hf_shapes(config: ModelConfig, shapes: dict) -> Iterator[tuple[str, np.ndarray]]:
+def hf_shapes(config: ModelConfig, shapes: dict) -> Iterator[tuple[str, np.ndarray]]:
   """Like `hf_tensors`, on zero-stride stand-ins: HF names and shapes, nothing allocated."""
   stand_ins = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), np.uint8), s), shapes,
                            is_leaf=lambda x: isinstance(x, tuple))

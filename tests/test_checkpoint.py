@@ -286,6 +286,22 @@ def test_malformed_config_json(tiny_hf, tmp_path, content, message):
     checkpoint.load_hf_params(folder)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("intermediate_size", 48, r"\['down_proj'\]\['kernel'\] has shape \(2, 64, 32\); the "
+                              r"config's model expects \(2, 48, 32\)"),
+    ("num_layers", 3, r"\['k_norm'\]\['scale'\] has shape \(2, 16\).*expects \(3, 16\)"),
+    ("bogus_field", 1, "unknown field"),
+])
+def test_orbax_metadata_that_disagrees_with_the_arrays(tiny_hf, tmp_path, field, value, message):
+  orbax_io.convert_hf(tiny_hf[0], tmp_path / "ckpt", "fp32")
+  meta_path = tmp_path / "ckpt" / orbax_io.METADATA_FILE
+  meta = json.loads(meta_path.read_text())
+  meta["model_config"][field] = value
+  meta_path.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match=message):
+    orbax_io.restore_params(tmp_path / "ckpt")
+
+
 def test_load_model_rejects_a_folder_that_is_neither(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(CheckpointError, match="neither"):
