@@ -157,7 +157,7 @@ def grow_impl(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slo
   """Grows `tree` by up to `num_steps` (<= max_steps) SpecExec steps. See `grow`."""
   # The model is split outside jit and merged here: a traced state argument (instead of a static
   # module) keeps the compiled program independent of the parameter values.
-  model = nnx.merge(graphdef, model_state)
+  model = nnx.merge(graphdef.graphdef, model_state)
   step_fn = functools.partial(_expand_step, model, slot=slot, context_len=context_len,
                               root_position=root_position, budget=budget, n_beams=n_beams,
                               branch_width=branch_width)
@@ -183,7 +183,7 @@ def grow(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot, co
   """SpecExec growth of one request's tree on the draft model, as one jitted call.
 
   Args:
-    graphdef, model_state: the draft model, split with `nnx.split`.
+    graphdef, model_state: the draft model, from `model.split_model`.
     cache: the draft KV cache; donated (do not use it after the call).
     tree: the tree to grow (a root-only tree, or a re-rooted proactive tree).
     slot: int32 scalar, the request's cache slot.
@@ -212,7 +212,7 @@ def expand_leaves(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *,
   next-token candidates. Proactive drafting needs this: verification most often ends at a leaf,
   and the bonus there is unknown until the leaf is forwarded. Returns (cache, tree, next_row).
   """
-  model = nnx.merge(graphdef, model_state)
+  model = nnx.merge(graphdef.graphdef, model_state)
   capacity = tree.capacity
   unexpanded = tree.valid & ~tree.expanded
   # Unexpanded nodes first, in index order; the rest are dead lanes.
@@ -270,3 +270,20 @@ def proactive_seed(tree: tree_lib.Tree, leaf: jax.Array, token: jax.Array,
       valid=seed.valid | is_new,
       ancestors=seed.ancestors | (is_new[:, None] & (seed.ancestors[leaf_new][None, :] | is_new[None, :])),
   )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def plan_proactive(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot,
+                   context_len, root_position, next_row):
+  """`expand_leaves`, `best_leaf_and_bonus` and `proactive_seed` fused into one call.
+
+  Returns (cache, expanded in-flight tree, proactive seed tree, plan) where plan is
+  (leaf, token, score, path_len, next_row); the caller fetches the plan with one host sync.
+  """
+  cache, tree, next_row = expand_leaves(graphdef, model_state, cache, tree, slot=slot,
+                                        context_len=context_len, root_position=root_position,
+                                        next_row=next_row)
+  leaf, token, score = best_leaf_and_bonus(tree)
+  seed = proactive_seed(tree, leaf, token, score)
+  path_len = tree.depth[leaf] + 1
+  return cache, tree, seed, (leaf, token, score, path_len, next_row)

@@ -29,13 +29,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-
 from specedge_jax import draft as draft_lib
 from specedge_jax import kv_cache as kv
 from specedge_jax import sampling as sampling_lib
 from specedge_jax import tree as tree_lib
 from specedge_jax import verify as verify_lib
+from specedge_jax.model import split_model
 from specedge_jax.sampling import SamplingParams
 
 PROACTIVE_MODES = ("disabled", "excluded", "included")
@@ -119,9 +118,8 @@ def _prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start:
     count = min(chunk, remaining)
     buffer = np.zeros(chunk, np.int32)
     buffer[:count] = token_ids[position - start:position - start + count]
-    cache, logits = verify_lib.prefill_chunk(graphdef, state, cache, jnp.int32(slot),
-                                             jnp.asarray(buffer), jnp.int32(position),
-                                             jnp.int32(count))
+    cache, logits = verify_lib.prefill_chunk(graphdef, state, cache, np.int32(slot), buffer,
+                                             np.int32(position), np.int32(count))
     position += count
   return cache, logits
 
@@ -135,7 +133,7 @@ class _TargetSession:
   prefix_len: int  # committed cache rows
   root: int  # the last emitted token: root of the next tree, not yet in the cache
   sampling: SamplingParams
-  key: jax.Array
+  seed: int  # uint32: the request's PRNG stream is fold_in(PRNGKey(seed), step)
   step: int
   generated: int
   max_new_tokens: int
@@ -151,7 +149,7 @@ class TargetEngine:
     if max_tree_nodes < 1 or max_batch_size < 1 or num_slots < 1:
       raise ValueError("num_slots, max_tree_nodes and max_batch_size must be >= 1")
     self.config = model.config
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = split_model(model)
     dtype = cache_dtype or model.dtype
     self.cache = kv.KVCache.init(self.config, num_slots, max_len, dtype)
     self.num_slots, self.max_len = num_slots, max_len
@@ -204,15 +202,16 @@ class TargetEngine:
     start = time.perf_counter()
     self.cache, logits = _prefill(self.graphdef, self.state, self.cache, slot, prompt, 0,
                                   self.chunk_sizes)
-    key = jax.random.PRNGKey(seed)
+    seed = int(seed) & 0xFFFFFFFF
     params = sampling_lib.stack_params([sampling])
-    first = sampling_lib.sample_tokens(logits[None, None], jax.random.fold_in(key, 0)[None],
-                                       params["temperature"], params["top_p"], params["top_k"])
+    keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
+    first = sampling_lib.sample_tokens(logits[None, None], keys, params["temperature"],
+                                       params["top_p"], params["top_k"])
     first = int(first[0, 0])
     self.last_forward_s = time.perf_counter() - start
     finished = first in self.eos_token_ids or max_new_tokens == 1
     self._sessions[slot] = _TargetSession(prefix_len=int(prompt.size), root=first,
-                                          sampling=sampling, key=key, step=1, generated=1,
+                                          sampling=sampling, seed=seed, step=1, generated=1,
                                           max_new_tokens=max_new_tokens, finished=finished)
     return slot, first, finished
 
@@ -234,7 +233,9 @@ class TargetEngine:
     tokens = np.zeros((batch, capacity), np.int32)
     parents = np.full((batch, capacity), -1, np.int32)
     num_nodes = np.zeros(batch, np.int32)
-    sessions, keys, params = [], [], []
+    seeds = np.zeros(batch, np.uint32)
+    steps = np.zeros(batch, np.int32)
+    sessions, params = [], []
     for lane, (slot, tree) in enumerate(requests):
       session = self.session(slot)
       if session.finished:
@@ -245,18 +246,15 @@ class TargetEngine:
       n = len(tree.tokens)
       slots[lane], prefix_len[lane], num_nodes[lane] = slot, session.prefix_len, n
       tokens[lane, :n], parents[lane, :n] = tree.tokens, tree.parents
+      seeds[lane], steps[lane] = session.seed, session.step
       sessions.append(session)
-      keys.append(jax.random.fold_in(session.key, session.step))
       params.append(session.sampling)
     params += [sampling_lib.GREEDY] * (batch - len(requests))
-    keys += [jax.random.PRNGKey(0)] * (batch - len(requests))
     stacked = sampling_lib.stack_params(params)
     start = time.perf_counter()
     self.cache, path_nodes, path_len, bonus, _ = verify_lib.verify(
-        self.graphdef, self.state, self.cache, jnp.asarray(slots), jnp.asarray(prefix_len),
-        jnp.asarray(tokens), jnp.asarray(parents), jnp.asarray(num_nodes),
-        jnp.asarray(stacked["temperature"]), jnp.asarray(stacked["top_p"]),
-        jnp.asarray(stacked["top_k"]), jnp.stack(keys))
+        self.graphdef, self.state, self.cache, slots, prefix_len, tokens, parents, num_nodes,
+        stacked["temperature"], stacked["top_p"], stacked["top_k"], seeds, steps)
     path_nodes, path_len, bonus = jax.device_get((path_nodes, path_len, bonus))
     self.last_forward_s = time.perf_counter() - start
     results = []
@@ -294,22 +292,20 @@ class TargetEngine:
   def warmup(self, decode: bool = True) -> None:
     """Compiles every batch bucket of verify (and decode) plus both prefill chunk sizes."""
     sizes = sorted({_bucket(b, self.max_batch_size) for b in range(1, self.max_batch_size + 1)})
-    saved_cache_slot_free = list(self._free)
+    # Lanes with num_nodes 0 and prefill chunks with count 0 write nothing (all rows dropped),
+    # so warm-up compiles every variant without touching any slot.
     for capacity in ([self.max_tree_nodes, 1] if decode else [self.max_tree_nodes]):
       for size in sizes:
-        lanes = np.zeros(size, np.int32)
-        keys = jnp.stack([jax.random.PRNGKey(0)] * size)
+        zeros = np.zeros(size, np.int32)
         self.cache, *_ = verify_lib.verify(
-            self.graphdef, self.state, self.cache, jnp.asarray(lanes), jnp.asarray(lanes),
-            jnp.zeros((size, capacity), jnp.int32), jnp.full((size, capacity), -1, jnp.int32),
-            jnp.asarray(lanes), jnp.zeros(size, jnp.float32), jnp.ones(size, jnp.float32),
-            jnp.zeros(size, jnp.int32), keys)
+            self.graphdef, self.state, self.cache, zeros, zeros,
+            np.zeros((size, capacity), np.int32), np.full((size, capacity), -1, np.int32),
+            zeros, np.zeros(size, np.float32), np.ones(size, np.float32), zeros,
+            np.zeros(size, np.uint32), zeros)
     for chunk in self.chunk_sizes:
-      # count 0 writes nothing (all rows dropped): compiles without touching any slot.
       self.cache, _ = verify_lib.prefill_chunk(self.graphdef, self.state, self.cache,
-                                               jnp.int32(0), jnp.zeros(chunk, jnp.int32),
-                                               jnp.int32(0), jnp.int32(0))
-    self._free = saved_cache_slot_free
+                                               np.int32(0), np.zeros(chunk, np.int32),
+                                               np.int32(0), np.int32(0))
 
 
 # ================================================================================================
@@ -344,15 +340,18 @@ class DraftEngine:
                proactive: ProactiveParams = ProactiveParams(), prefill_chunk: int = 64,
                cache_dtype=None):
     self.config = model.config
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = split_model(model)
     self.tree_params, self.proactive_params = tree, proactive
-    if max(tree.max_branch_width, proactive.max_branch_width) + 1 > self.config.vocab_size:
-      raise ValueError("branch width must be below the draft vocabulary size")
+    widest = max(tree.max_branch_width,
+                 proactive.max_branch_width if proactive.enabled else 0)
+    if widest + 1 > self.config.vocab_size:
+      raise ValueError(f"branch width {widest} must be below the draft vocabulary size "
+                       f"({self.config.vocab_size})")
     self.capacity = tree.max_budget + 1
     if proactive.enabled:
       # A proactive tree holds the path to its leaf plus the guessed bonus subtree.
       self.capacity = max(self.capacity, tree.max_beam_len + 1 + proactive.max_budget + 1)
-    self.num_child_candidates = max(tree.max_branch_width, proactive.max_branch_width) + 1
+    self.num_child_candidates = widest + 1
     # Rows for one round's tree: its growth steps, then (proactive on) one forward of its
     # unexpanded leaves, plus the proactive tree grown here for the *next* round.
     self.region_size = tree.max_n_beams * tree.max_beam_len
@@ -370,7 +369,8 @@ class DraftEngine:
     return self.max_len + (round_index % 2) * self.region_size
 
   def _root_tree(self, token: int) -> tree_lib.Tree:
-    return tree_lib.root_only(jnp.int32(token), self.capacity, self.num_child_candidates)
+    return tree_lib.root_only(np.int32(token), capacity=self.capacity,
+                              num_child_candidates=self.num_child_candidates)
 
   def session(self, slot: int) -> _DraftSession:
     if slot not in self._sessions:
@@ -399,11 +399,12 @@ class DraftEngine:
 
   def _grow(self, session, slot, tree, *, next_row, budget, num_steps, params):
     self.cache, grown, next_row, steps = draft_lib.grow(
-        self.graphdef, self.state, self.cache, tree, slot=jnp.int32(slot),
-        context_len=jnp.int32(session.committed_len),
-        root_position=jnp.int32(session.committed_len), next_row=jnp.int32(next_row),
-        budget=jnp.int32(budget), num_steps=jnp.int32(num_steps), n_beams=params.max_n_beams,
+        self.graphdef, self.state, self.cache, tree, slot=np.int32(slot),
+        context_len=np.int32(session.committed_len),
+        root_position=np.int32(session.committed_len), next_row=np.int32(next_row),
+        budget=np.int32(budget), num_steps=np.int32(num_steps), n_beams=params.max_n_beams,
         branch_width=params.max_branch_width, max_steps=params.max_beam_len)
+    next_row, steps = jax.device_get((next_row, steps))
     return grown, int(next_row), int(steps)
 
   def draft(self, slot: int) -> DraftTree:
@@ -433,16 +434,14 @@ class DraftEngine:
       raise ValueError(f"draft slot {slot} has no tree in flight")
     # Forward the in-flight tree's leaves first: verification usually ends at a leaf, and its
     # bonus token is unknown until the leaf's next-token distribution is.
-    self.cache, session.inflight, next_row = draft_lib.expand_leaves(
-        self.graphdef, self.state, self.cache, session.inflight, slot=jnp.int32(slot),
-        context_len=jnp.int32(session.committed_len),
-        root_position=jnp.int32(session.committed_len), next_row=jnp.int32(session.next_row))
+    self.cache, session.inflight, seed, plan = draft_lib.plan_proactive(
+        self.graphdef, self.state, self.cache, session.inflight, slot=np.int32(slot),
+        context_len=np.int32(session.committed_len),
+        root_position=np.int32(session.committed_len), next_row=np.int32(session.next_row))
+    leaf, token, score, path_len, next_row = (v.item() for v in jax.device_get(plan))
     session.next_row = int(next_row)
-    leaf, token, score = draft_lib.best_leaf_and_bonus(session.inflight)
-    if not np.isfinite(float(score)):
+    if not np.isfinite(score):
       return
-    path_len = int(session.inflight.depth[leaf]) + 1
-    seed = draft_lib.proactive_seed(session.inflight, leaf, token, score)
     params = self.proactive_params
     grown, next_row, steps = self._grow(
         session, slot, seed, next_row=self._region_start(session.round + 1),
@@ -486,7 +485,7 @@ class DraftEngine:
     hit = (proactive is not None and proactive.leaf == path[-1]
            and proactive.token == result.bonus)
     if hit:
-      session.tree = tree_lib.reroot(proactive.tree, jnp.int32(proactive.root_index))
+      session.tree = tree_lib.reroot(proactive.tree, np.int32(proactive.root_index))
       session.next_row = proactive.next_row
       session.steps_done = proactive.steps
     else:

@@ -16,6 +16,8 @@ This module never calls a model and never touches a cache.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,7 @@ class Tree:
     return self.child_tokens.shape[-1]
 
 
+@functools.partial(jax.jit, static_argnames=("capacity", "num_child_candidates"))
 def root_only(token: jax.Array, capacity: int, num_child_candidates: int) -> Tree:
   """A tree holding just its root."""
   first = jnp.arange(capacity) == 0

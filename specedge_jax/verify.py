@@ -32,9 +32,16 @@ from specedge_jax import sampling
 from specedge_jax import tree as tree_lib
 
 
+def request_keys(seeds, steps):
+  """[B] PRNG keys: one stream per request seed, one key per step of it."""
+  return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
+      seeds, steps)
+
+
 def _verify_impl(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
-                 num_nodes, temperature, top_p, top_k, keys):
-  model = nnx.merge(graphdef, model_state)
+                 num_nodes, temperature, top_p, top_k, seeds, steps):
+  model = nnx.merge(graphdef.graphdef, model_state)
+  keys = request_keys(seeds, steps)
   batch, capacity = tokens.shape
   max_len = cache.max_len
   node = jnp.arange(capacity, dtype=jnp.int32)
@@ -73,18 +80,19 @@ def _verify_impl(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, to
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
-           num_nodes, temperature, top_p, top_k, keys):
+           num_nodes, temperature, top_p, top_k, seeds, steps):
   """Verifies a batch of trees in one target forward and compacts the accepted paths.
 
   Args:
-    graphdef, model_state: the target model, split with `nnx.split`.
+    graphdef, model_state: the target model, from `model.split_model`.
     cache: the target KV cache; donated (do not use it after the call).
     slots: [B] int32 cache slot per lane (any valid slot for padded lanes).
     prefix_len: [B] int32 committed rows per lane; the root goes to row prefix_len.
     tokens, parents: [B, N] int32 trees (root at 0, parents[i] < i), padded past num_nodes.
     num_nodes: [B] int32 valid nodes per lane; 0 marks a padded lane.
     temperature, top_p, top_k: [B] sampling parameters (temperature 0 = greedy).
-    keys: [B] PRNG keys, one per lane and step.
+    seeds, steps: [B] uint32 request seed and int32 step; the lane's PRNG key is
+      fold_in(PRNGKey(seed), step), so a request's randomness does not depend on batching.
 
   Returns:
     cache; path_nodes [B, N] (accepted node indices in depth order, root first, -1 padded);
@@ -92,7 +100,7 @@ def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, 
     node, for statistics and tests).
   """
   return _verify_impl(graphdef, model_state, cache, slots, prefix_len, tokens, parents,
-                      num_nodes, temperature, top_p, top_k, keys)
+                      num_nodes, temperature, top_p, top_k, seeds, steps)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -108,7 +116,7 @@ def prefill_chunk(graphdef, model_state, cache: kv.KVCache, slot, tokens, start,
   Returns:
     (cache, logits [V] at the last valid token of the chunk).
   """
-  model = nnx.merge(graphdef, model_state)
+  model = nnx.merge(graphdef.graphdef, model_state)
   chunk = tokens.shape[0]
   max_len = cache.max_len
   offset = jnp.arange(chunk, dtype=jnp.int32)
