@@ -60,7 +60,8 @@ def main(argv):
           f"{r.case.label}: " + ", ".join(
               f"{name} {'failed' if v.error else f'{v.median_ms:.2f} ms'}"
               for name, v in r.results.items())))
-  console.print(backend_bench.results_table(results, config.variants))
+  for statistic in ("median", "min"):
+    console.print(backend_bench.results_table(results, config.variants, statistic))
   for error in backend_bench.errors_of(results):
     console.print(f"[red]{error}[/red]")
   environment = backend_bench.environment()

@@ -30,7 +30,9 @@ What each side computes (identical work, so the times compare):
 
 Timing: after warm-up calls (which absorb jit and torch.compile compilation; those times are
 reported separately), the variants are called round-robin, `repeats` times each, so that load
-from other processes hits all of them alike; the median of each is reported. Every call ends
+from other processes hits all of them alike. The median of each is reported, and the minimum:
+on a shared machine interference only ever adds time, so the best call is the closest to the
+uninterfered cost. Every call ends
 with its outputs materialized (`block_until_ready` for jax; torch CPU calls are synchronous).
 
 This module owns the benchmark. It never changes the model or the checkpoint.
@@ -296,6 +298,7 @@ class VariantResult:
   median_ms: float | None
   p25_ms: float | None
   p75_ms: float | None
+  min_ms: float | None  # best of the repeats: the cost with the least interference
   compile_s: float | None  # the first call of the case: jit / torch.compile compilation
   max_abs_logit_diff: float | None  # against jax; None for jax itself
   error: str | None = None
@@ -306,12 +309,12 @@ class CaseResult:
   case: Case
   results: dict[str, VariantResult]
 
-  def ratio(self, variant: str) -> float | None:
-    """How many times faster jax is than `variant` (its median time / jax's)."""
+  def ratio(self, variant: str, statistic: str = "median") -> float | None:
+    """How many times faster jax is than `variant` (its time / jax's, median or min)."""
     mine, theirs = self.results.get("jax"), self.results.get(variant)
-    if not mine or not theirs or mine.median_ms is None or theirs.median_ms is None:
+    if not mine or not theirs or mine.error or theirs.error:
       return None
-    return theirs.median_ms / mine.median_ms
+    return getattr(theirs, f"{statistic}_ms") / getattr(mine, f"{statistic}_ms")
 
 
 def _describe(error: BaseException) -> str:
@@ -343,14 +346,15 @@ def run_case(case: Case, runners: Sequence, config: BenchConfig, vocab_size: int
   for runner in runners:
     name = runner.name
     if name in errors:
-      results[name] = VariantResult(None, None, None, None, None, errors[name])
+      results[name] = VariantResult(None, None, None, None, None, None, errors[name])
       continue
     samples = np.asarray(times[name])
     diff = (None if name == "jax" or reference is None
             else float(np.abs(logits[name] - reference).max()))
     results[name] = VariantResult(
         median_ms=float(np.median(samples)), p25_ms=float(np.percentile(samples, 25)),
-        p75_ms=float(np.percentile(samples, 75)), compile_s=compile_s[name],
+        p75_ms=float(np.percentile(samples, 75)), min_ms=float(samples.min()),
+        compile_s=compile_s[name],
         max_abs_logit_diff=diff)
   return CaseResult(case, results)
 
@@ -396,11 +400,13 @@ def environment() -> dict[str, str]:
   }
 
 
-def results_table(results: Sequence[CaseResult], variants: Sequence[str]):
-  """A rich table: median ms per variant, jax's speed-up over each torch variant, logit check."""
+def results_table(results: Sequence[CaseResult], variants: Sequence[str],
+                  statistic: str = "median"):
+  """A rich table: ms per variant (median or min of the repeats), jax's speed-up over each
+  torch variant, and the logit check."""
   from rich.table import Table
 
-  table = Table(title="Tree-verification forward and decode step: median ms per call "
+  table = Table(title=f"Tree-verification forward and decode step: {statistic} ms per call "
                       "(x: torch time / jax time, > 1 means jax is faster)")
   table.add_column("case")
   for variant in variants:
@@ -414,10 +420,10 @@ def results_table(results: Sequence[CaseResult], variants: Sequence[str]):
     cells = [result.case.label]
     for variant in variants:
       r = result.results[variant]
-      cells.append("failed" if r.error else f"{r.median_ms:.2f}")
+      cells.append("failed" if r.error else f"{getattr(r, f'{statistic}_ms'):.2f}")
     if "jax" in variants:
       for variant in torch_variants:
-        ratio = result.ratio(variant)
+        ratio = result.ratio(variant, statistic)
         cells.append("-" if ratio is None else f"{ratio:.2f}")
     diffs = [r.max_abs_logit_diff for v, r in result.results.items()
              if r.max_abs_logit_diff is not None]

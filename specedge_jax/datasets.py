@@ -40,6 +40,11 @@ MTBENCH_SUBCATEGORIES = frozenset({"writing", "roleplay", "reasoning", "math", "
 SPECBENCH_ROWS_PER_CATEGORY = 80
 
 
+# The prompt sets sit beside the checkout (`<repo>/../shared/datasets`) unless a flag says otherwise.
+DEFAULT_DATASET_DIR = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets"))
+
+
 class DatasetError(ValueError):
   """A prompt file is missing or malformed; the message names the file and, if any, the row."""
 
@@ -176,15 +181,16 @@ def _read_specbench_rows(path: str) -> list[dict[str, Any]]:
 
 def load_prompts(dataset: str, dataset_dir: str | os.PathLike, *, req_offset: int = 0,
                  sample_req_cnt: int = 1, max_request_num: int | None = -1,
-                 tokenizer: ChatTokenizer | None = None, reasoning: bool = False) -> list[Prompt]:
+                 tokenizer: ChatTokenizer | str | os.PathLike | None = None,
+                 reasoning: bool = False) -> list[Prompt]:
   """Loads the sampled prompts of one prompt set.
 
   Args:
     dataset: one of `DATASETS`.
     dataset_dir: the folder holding the prompt files.
     req_offset, sample_req_cnt, max_request_num: the reference's sampling (see `sample_rows`).
-    tokenizer: the target model's tokenizer; required for specbench, whose turns are wrapped in
-      its chat template.
+    tokenizer: the target model's tokenizer, or the folder to load it from with transformers'
+      `AutoTokenizer`; required for specbench, whose turns are wrapped in its chat template.
     reasoning: specbench only; `enable_thinking` for templates that read it (Qwen3).
 
   Raises:
@@ -197,6 +203,12 @@ def load_prompts(dataset: str, dataset_dir: str | os.PathLike, *, req_offset: in
             sample_rows(len(texts), req_offset, sample_req_cnt, max_request_num)]
   if tokenizer is None:
     raise ValueError("specbench prompts need the target tokenizer (its chat template)")
+  if isinstance(tokenizer, (str, os.PathLike)):
+    from transformers import AutoTokenizer  # local: only specbench needs a tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError("specbench prompts need a chat template, and this tokenizer has no chat template")
   rows = _read_specbench_rows(path)
   return [Prompt(dataset, i, apply_chat_template(tokenizer, rows[i]["turns"][0], reasoning),
                  specbench_category(rows[i]["category"]))

@@ -54,8 +54,13 @@ def test_table_and_unknown_variant(tiny_dir):
   with pytest.raises(ValueError, match="unknown variants"):
     bb.make_runners(tiny_dir, ("jax", "tensorflow"))
   result = bb.CaseResult(bb.Case("verify", 1, 32), {
-      "jax": bb.VariantResult(2.0, 1.0, 3.0, 0.5, None),
-      "torch-compile": bb.VariantResult(None, None, None, None, None, "BackendCompilerFailed")})
+      "jax": bb.VariantResult(2.0, 1.0, 3.0, 0.5, 0.5, None),
+      "torch-eager-static": bb.VariantResult(5.0, 4.0, 6.0, 2.0, 0.1, 1e-6),
+      "torch-compile": bb.VariantResult(None, None, None, None, None, None,
+                                        "BackendCompilerFailed")})
+  assert result.ratio("torch-eager-static") == 2.5
+  assert result.ratio("torch-eager-static", "min") == 4.0
   assert result.ratio("torch-compile") is None
   assert bb.errors_of([result]) == ["verify B=1 T=32 torch-compile: BackendCompilerFailed"]
-  bb.results_table([result], ("jax", "torch-compile"))  # renders a failed variant
+  for statistic in ("median", "min"):  # renders a failed variant
+    bb.results_table([result], ("jax", "torch-eager-static", "torch-compile"), statistic)

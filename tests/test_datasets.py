@@ -8,9 +8,7 @@ import pytest
 
 from specedge_jax import datasets
 
-DATASET_DIR = os.environ.get(
-    "SPECEDGE_DATASET_DIR",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets"))
+DATASET_DIR = os.environ.get("SPECEDGE_DATASET_DIR", datasets.DEFAULT_DATASET_DIR)
 needs_data = pytest.mark.skipif(not os.path.isdir(DATASET_DIR),
                                 reason=f"no prompt sets at {DATASET_DIR}")
 
@@ -61,13 +59,18 @@ def test_every_index_text_file_loads(dataset, rows):
 
 @needs_data
 def test_specbench_loads_with_categories_in_reference_row_ranges():
-  prompts = datasets.load_prompts("specbench", DATASET_DIR,
-                                  tokenizer=make_tokenizer(QWEN3_LIKE_TEMPLATE))
+  # All 480 rows through a fast stand-in template; the real jinja path is checked below.
+  prompts = datasets.load_prompts("specbench", DATASET_DIR, tokenizer=StrictTemplateTokenizer())
   assert len(prompts) == 480
   for prompt in prompts:
     expected = datasets.SPECBENCH_CATEGORIES[prompt.index // 80]
     assert prompt.category == expected, prompt.index
-  first = prompts[0].text
+  assert prompts[80].text.startswith("<Translate")
+  every_40th = datasets.load_prompts("specbench", DATASET_DIR, sample_req_cnt=40,
+                                     tokenizer=make_tokenizer(QWEN3_LIKE_TEMPLATE))
+  assert [p.index for p in every_40th] == list(range(0, 480, 40))
+  assert [p.category for p in every_40th[::2]] == list(datasets.SPECBENCH_CATEGORIES)
+  first = every_40th[0].text
   assert first.startswith("<|im_start|>user\nCompose an engaging travel blog post")
   # Only the first turn is used, and the generation prompt is appended.
   assert "Rewrite your previous response" not in first
@@ -96,11 +99,24 @@ def test_enable_thinking_is_passed_only_to_templates_that_read_it():
   assert plain[0].text.startswith("[user] Compose") and plain[0].text.endswith("[assistant] ")
 
 
-def test_specbench_needs_a_tokenizer(tmp_path):
+def test_specbench_needs_a_tokenizer_with_a_chat_template(tmp_path):
   (tmp_path / "specbench_prompts.jsonl").write_text(
       json.dumps({"question_id": 1, "category": "qa", "turns": ["q"]}) + "\n")
   with pytest.raises(ValueError, match="tokenizer"):
     datasets.load_prompts("specbench", tmp_path)
+  with pytest.raises(ValueError, match="no chat template"):
+    datasets.load_prompts("specbench", tmp_path, tokenizer=make_tokenizer(None))
+
+
+def test_specbench_tokenizer_from_a_folder(tmp_path):
+  (tmp_path / "specbench_prompts.jsonl").write_text(
+      json.dumps({"question_id": 1, "category": "qa", "turns": ["why?"]}) + "\n")
+  make_tokenizer(QWEN3_LIKE_TEMPLATE).save_pretrained(tmp_path / "tok")
+  prompts = datasets.load_prompts("specbench", tmp_path, tokenizer=str(tmp_path / "tok"),
+                                  reasoning=True)
+  assert prompts == [datasets.Prompt("specbench", 0,
+                                     "<|im_start|>user\nwhy?<|im_end|>\n<|im_start|>assistant\n",
+                                     "qa")]
 
 
 @pytest.mark.parametrize("offset,step,end,expected", [
