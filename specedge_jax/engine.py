@@ -29,6 +29,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from specedge_jax import draft as draft_lib
 from specedge_jax import kv_cache as kv
 from specedge_jax import sampling as sampling_lib
@@ -99,6 +100,28 @@ class VerifyResult:
   finished: bool
 
 
+class DeviceClock:
+  """Optional accounting of time spent in device calls, for the host-overhead benchmark.
+
+  Disabled (the default), it only forwards the call, so serving keeps JAX's asynchronous
+  dispatch. Enabled, it blocks on each call's outputs and adds the dispatch-to-completion time
+  to `seconds`; everything else a step spends is host overhead.
+  """
+
+  def __init__(self):
+    self.enabled = False
+    self.seconds = 0.0
+
+  def __call__(self, fn, *args, **kwargs):
+    if not self.enabled:
+      return fn(*args, **kwargs)
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    jax.block_until_ready(out)
+    self.seconds += time.perf_counter() - start
+    return out
+
+
 def _bucket(n: int, limit: int) -> int:
   size = 1
   while size < n:
@@ -107,7 +130,7 @@ def _bucket(n: int, limit: int) -> int:
 
 
 def _prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start: int,
-             chunk_sizes: tuple[int, ...]):
+             chunk_sizes: tuple[int, ...], clock: DeviceClock | None = None):
   """Writes `token_ids` at rows start.. of `slot` in fixed-size chunks; returns last logits."""
   token_ids = np.asarray(token_ids, np.int32)
   position = start
@@ -118,8 +141,9 @@ def _prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start:
     count = min(chunk, remaining)
     buffer = np.zeros(chunk, np.int32)
     buffer[:count] = token_ids[position - start:position - start + count]
-    cache, logits = verify_lib.prefill_chunk(graphdef, state, cache, np.int32(slot), buffer,
-                                             np.int32(position), np.int32(count))
+    cache, logits = (clock or DeviceClock())(
+        verify_lib.prefill_chunk, graphdef, state, cache, np.int32(slot), buffer,
+        np.int32(position), np.int32(count))
     position += count
   return cache, logits
 
@@ -159,6 +183,7 @@ class TargetEngine:
     self._free = list(range(num_slots))
     self._sessions: dict[int, _TargetSession] = {}
     self.last_forward_s = 0.0  # wall time of the last verify/decode/prefill device call
+    self.clock = DeviceClock()
 
   @property
   def num_free_slots(self) -> int:
@@ -201,7 +226,7 @@ class TargetEngine:
     slot = self._free.pop(0)
     start = time.perf_counter()
     self.cache, logits = _prefill(self.graphdef, self.state, self.cache, slot, prompt, 0,
-                                  self.chunk_sizes)
+                                  self.chunk_sizes, self.clock)
     seed = int(seed) & 0xFFFFFFFF
     params = sampling_lib.stack_params([sampling])
     keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
@@ -252,8 +277,8 @@ class TargetEngine:
     params += [sampling_lib.GREEDY] * (batch - len(requests))
     stacked = sampling_lib.stack_params(params)
     start = time.perf_counter()
-    self.cache, path_nodes, path_len, bonus, _ = verify_lib.verify(
-        self.graphdef, self.state, self.cache, slots, prefix_len, tokens, parents, num_nodes,
+    self.cache, path_nodes, path_len, bonus, _ = self.clock(
+        verify_lib.verify, self.graphdef, self.state, self.cache, slots, prefix_len, tokens, parents, num_nodes,
         stacked["temperature"], stacked["top_p"], stacked["top_k"], seeds, steps)
     path_nodes, path_len, bonus = jax.device_get((path_nodes, path_len, bonus))
     self.last_forward_s = time.perf_counter() - start
@@ -364,13 +389,14 @@ class DraftEngine:
     self._free = list(range(num_slots))
     self._sessions: dict[int, _DraftSession] = {}
     self.last_steps = 0  # growth steps of the last draft() call
+    self.clock = DeviceClock()
 
   def _region_start(self, round_index: int) -> int:
     return self.max_len + (round_index % 2) * self.region_size
 
   def _root_tree(self, token: int) -> tree_lib.Tree:
-    return tree_lib.root_only(np.int32(token), capacity=self.capacity,
-                              num_child_candidates=self.num_child_candidates)
+    return self.clock(tree_lib.root_only, np.int32(token), capacity=self.capacity,
+                      num_child_candidates=self.num_child_candidates)
 
   def session(self, slot: int) -> _DraftSession:
     if slot not in self._sessions:
@@ -385,7 +411,7 @@ class DraftEngine:
                        f"({self.max_len} rows)")
     slot = self._free.pop(0)
     self.cache, _ = _prefill(self.graphdef, self.state, self.cache, slot, prompt_ids, 0,
-                             self.chunk_sizes)
+                             self.chunk_sizes, self.clock)
     self._sessions[slot] = _DraftSession(committed_len=len(prompt_ids), round=0,
                                          tree=self._root_tree(first_token),
                                          next_row=self._region_start(0), steps_done=0)
@@ -398,8 +424,8 @@ class DraftEngine:
     self._free.sort()
 
   def _grow(self, session, slot, tree, *, next_row, budget, num_steps, params):
-    self.cache, grown, next_row, steps = draft_lib.grow(
-        self.graphdef, self.state, self.cache, tree, slot=np.int32(slot),
+    self.cache, grown, next_row, steps = self.clock(
+        draft_lib.grow, self.graphdef, self.state, self.cache, tree, slot=np.int32(slot),
         context_len=np.int32(session.committed_len),
         root_position=np.int32(session.committed_len), next_row=np.int32(next_row),
         budget=np.int32(budget), num_steps=np.int32(num_steps), n_beams=params.max_n_beams,
@@ -434,8 +460,8 @@ class DraftEngine:
       raise ValueError(f"draft slot {slot} has no tree in flight")
     # Forward the in-flight tree's leaves first: verification usually ends at a leaf, and its
     # bonus token is unknown until the leaf's next-token distribution is.
-    self.cache, session.inflight, seed, plan = draft_lib.plan_proactive(
-        self.graphdef, self.state, self.cache, session.inflight, slot=np.int32(slot),
+    self.cache, session.inflight, seed, plan = self.clock(
+        draft_lib.plan_proactive, self.graphdef, self.state, self.cache, session.inflight, slot=np.int32(slot),
         context_len=np.int32(session.committed_len),
         root_position=np.int32(session.committed_len), next_row=np.int32(session.next_row))
     leaf, token, score, path_len, next_row = (v.item() for v in jax.device_get(plan))
@@ -472,20 +498,20 @@ class DraftEngine:
     num_expanded = len(path) if expanded[path[-1]] else len(path) - 1
     rows = np.zeros((1, self.capacity), np.int32)
     rows[0, :num_expanded] = cache_row[path[:num_expanded]]
-    self.cache = kv.compact_rows(self.cache, jnp.array([slot], jnp.int32), jnp.asarray(rows),
-                                 jnp.array([session.committed_len], jnp.int32),
-                                 jnp.array([num_expanded], jnp.int32))
+    self.cache = self.clock(kv.compact_rows, self.cache, np.array([slot], np.int32), rows,
+                            np.array([session.committed_len], np.int32),
+                            np.array([num_expanded], np.int32))
     if num_expanded < len(path):
       self.cache, _ = _prefill(self.graphdef, self.state, self.cache, slot,
                                [int(tokens[path[-1]])], session.committed_len + num_expanded,
-                               self.chunk_sizes)
+                               self.chunk_sizes, self.clock)
     session.committed_len += len(path)
     session.round += 1
     proactive = session.proactive
     hit = (proactive is not None and proactive.leaf == path[-1]
            and proactive.token == result.bonus)
     if hit:
-      session.tree = tree_lib.reroot(proactive.tree, np.int32(proactive.root_index))
+      session.tree = self.clock(tree_lib.reroot, proactive.tree, np.int32(proactive.root_index))
       session.next_row = proactive.next_row
       session.steps_done = proactive.steps
     else:

@@ -80,13 +80,26 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
   """One token per position: [B, T] int32.
 
   keys: [B] PRNG keys, one per lane; each position of a lane gets an independent draw.
+
+  The vocabulary sort behind top-k/top-p costs more than a small model's forward on CPU, so it
+  runs only when some lane asks for it, and nothing but the argmax runs when every lane is
+  greedy (`lax.cond` picks at run time; both branches are compiled once).
   """
-  log_probs = processed_log_probs(logits, temperature, top_p, top_k)
   seq = logits.shape[1]
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  def draw(key, lane_log_probs):
-    return jax.random.categorical(key, lane_log_probs, axis=-1, shape=(seq,))
+  def draw_all(log_probs):
+    def draw(key, lane_log_probs):
+      return jax.random.categorical(key, lane_log_probs, axis=-1, shape=(seq,))
+    return jax.vmap(draw)(keys, log_probs).astype(jnp.int32)
 
-  sampled = jax.vmap(draw)(keys, log_probs)
-  greedy = jnp.argmax(logits, axis=-1)
-  return jnp.where((temperature > 0)[:, None], sampled, greedy).astype(jnp.int32)
+  def sampled():
+    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
+    temp = jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
+    log_probs = jax.lax.cond(
+        needs_filter,
+        lambda: processed_log_probs(logits, temperature, top_p, top_k),
+        lambda: jax.nn.log_softmax(logits.astype(jnp.float32) / temp, axis=-1))
+    return jnp.where((temperature > 0)[:, None], draw_all(log_probs), greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
