@@ -331,7 +331,8 @@ class EngineWorker:
 
   def _open(self, job: _OpenJob) -> OpenResult:
     started = time.time()
-    snapshot = self._prefill_cache.get(job.prompt_ids) if self._prefill_cache else None
+    snapshot = (self._prefill_cache.get(job.prompt_ids) if self._prefill_cache is not None
+                else None)
     if snapshot is not None:
       slot, first_token, finished = self._engine.open_from_prefill(
           snapshot, job.prompt_ids, job.sampling, job.seed, job.max_new_tokens)
@@ -339,7 +340,10 @@ class EngineWorker:
       slot, first_token, finished = self._engine.open(job.prompt_ids, job.sampling, job.seed,
                                                       job.max_new_tokens)
       if self._prefill_cache is not None:
-        self._prefill_cache.put(job.prompt_ids, self._engine.export_prefill(slot))
+        try:
+          self._prefill_cache.put(job.prompt_ids, self._engine.export_prefill(slot))
+        except Exception:  # pylint: disable=broad-except (the session itself is fine)
+          _log.exception("could not snapshot the prefill of request %s", job.request_id)
     ended = time.time()
     if not finished:
       self._active_slots.add(slot)
