@@ -40,7 +40,8 @@ MTBENCH_SUBCATEGORIES = frozenset({"writing", "roleplay", "reasoning", "math", "
 SPECBENCH_ROWS_PER_CATEGORY = 80
 
 
-# The prompt sets sit beside the checkout (`<repo>/../shared/datasets`) unless a flag says otherwise.
+# The prompt sets sit beside the checkout (`<repo>/../shared/datasets`) unless a flag says
+# otherwise.
 DEFAULT_DATASET_DIR = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets"))
 
@@ -208,7 +209,8 @@ def load_prompts(dataset: str, dataset_dir: str | os.PathLike, *, req_offset: in
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer)
   if not getattr(tokenizer, "chat_template", None):
-    raise ValueError("specbench prompts need a chat template, and this tokenizer has no chat template")
+    raise ValueError("specbench prompts need a chat template, and this tokenizer has no chat "
+                     "template")
   rows = _read_specbench_rows(path)
   return [Prompt(dataset, i, apply_chat_template(tokenizer, rows[i]["turns"][0], reasoning),
                  specbench_category(rows[i]["category"]))

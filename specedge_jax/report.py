@@ -117,7 +117,8 @@ def build_report(event_paths: Sequence[str], out_dir: str,
                "runs": {s.run: s.to_dict() for s in summaries}}, f, indent=2)
   written = [
       report_path,
-      plots.plot_throughput_vs_clients(summaries, os.path.join(out_dir, "throughput_vs_clients.png")),
+      plots.plot_throughput_vs_clients(summaries,
+                                       os.path.join(out_dir, "throughput_vs_clients.png")),
       plots.plot_itl_vs_clients(summaries, os.path.join(out_dir, "itl_vs_clients.png")),
       plots.plot_itl_cdf(runs, os.path.join(out_dir, "itl_cdf.png")),
       plots.plot_accepted_length_histogram(summaries,
