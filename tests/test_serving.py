@@ -12,7 +12,6 @@ import contextlib
 import math
 
 import grpc
-import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 

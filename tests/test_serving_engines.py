@@ -18,7 +18,7 @@ from specedge_jax import engine as E
 from specedge_jax import metrics
 from specedge_jax.events import EventLog
 from specedge_jax.sampling import SamplingParams
-from specedge_jax.serving import prefill_cache
+from specedge_jax.serving import baselines, prefill_cache
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
 from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
 
@@ -143,3 +143,32 @@ def test_prefill_cache_restores_repeated_prompts_exactly(pair, workload):
   assert (cache.misses, cache.hits) == (REQUESTS_PER_EDGE, 2 * REQUESTS_PER_EDGE)
   prefills = [e for e in log.events if e["kind"] == "server_batch" and e["op"] == "prefill"]
   assert [e["prefill_cache_hit"] for e in prefills] == [False] * 3 + [True] * 6
+
+
+@pytest.mark.parametrize("kind", ["autoregressive", "speculative"])
+def test_server_only_baselines_emit_the_target_greedy_tokens(pair, workload, kind):
+  target, draft = pair
+  prompts, reference = workload
+  target_engine = E.TargetEngine(target, num_slots=4, max_len=MAX_LEN,
+                                 max_tree_nodes=TREE.max_budget + 1, max_batch_size=4)
+  draft_engine = (E.DraftEngine(draft, num_slots=4, max_len=MAX_LEN, tree=TREE)
+                  if kind == "speculative" else None)
+  requests = [EdgeRequest(request_id=f"r{i}", prompt_ids=tuple(p)) for i, p in enumerate(prompts)]
+  log = EventLog(None, baselines.SYSTEM_NAMES[kind])
+  outputs = baselines.run_baseline(kind, target_engine, requests, max_new_tokens=MAX_NEW,
+                                   draft=draft_engine, max_concurrent=3, event_log=log)
+  assert [o.tokens for o in outputs] == reference
+  assert target_engine.num_free_slots == 4
+  _, (summary,) = metrics.summarize_events(log.events)
+  assert summary.requests.n_requests == len(prompts)
+  assert summary.generated_tokens == sum(len(r) for r in reference)
+  ops = {e["op"] for e in log.events if e["kind"] == "server_batch"}
+  batch_sizes = [e["batch_size"] for e in log.events
+                 if e["kind"] == "server_batch" and e["op"] in ("decode", "verify")]
+  assert max(batch_sizes) == 3  # continuous batching keeps 3 requests in flight
+  if kind == "autoregressive":
+    assert ops == {"prefill", "decode"}
+    assert summary.requests.n_verifications == 0
+  else:
+    assert ops == {"prefill", "draft_prefill", "draft", "verify"}
+    assert summary.requests.mean_tokens_per_step > 1.0

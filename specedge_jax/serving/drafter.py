@@ -69,7 +69,7 @@ class DrafterConfig:
   proactive: bool = False  # call draft_proactive while a tree is in flight
   max_new_tokens: int = 64
   sampling: SamplingParams = SamplingParams()
-  seed: int = 0  # request i of this drafter gets seed + i
+  seed: int = 0  # request i of this drafter gets seed + i (unless the request has its own)
   simulated_rtt_ms: float = 0.0
   open_retry_initial_s: float = 0.02  # backoff when the server has no free slot
   open_retry_max_s: float = 1.0
@@ -95,6 +95,7 @@ class EdgeRequest:
   prompt_text: str = ""
   dataset: str | None = None
   category: str | None = None
+  seed: int | None = None  # the server sampler's seed; None: DrafterConfig.seed + position
 
   def __post_init__(self):
     if bool(self.prompt_ids) == bool(self.prompt_text):
@@ -261,7 +262,8 @@ class Drafter:
     async def worker():
       while todo:
         index, request = todo.pop(0)
-        outputs[index] = await self._serve(request, seed=self.config.seed + index)
+        seed = request.seed if request.seed is not None else self.config.seed + index
+        outputs[index] = await self._serve(request, seed=seed)
 
     try:
       await asyncio.gather(*(worker() for _ in range(self.config.max_concurrent_requests)))
@@ -352,7 +354,8 @@ class Drafter:
         except ServerError as e:
           _log.warning("closing session of %s: %s", request.request_id, e)
       self._emit("request_end", request_id=request.request_id, n_generated=len(output.tokens),
-                 finished_reason=output.finish_reason, error=output.error or None)
+                 finished_reason=output.finish_reason, error=output.error or None,
+                 output_tokens=output.tokens)
     return output
 
   async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int):

@@ -6,7 +6,7 @@ share of server time that says nothing about speculation. `CachingTargetEngine` 
 into a fresh slot by copy. The verifier's `PrefillCache` keys the snapshots by prompt ids.
 
 A snapshot holds the key/value rows of every prompt token but the last, padded to a power-of-two
-row count (so the copy compiles once per bucket, not once per prompt length). Restoring copies
+row count (so the copy compiles once per bucket, not once per prompt length), in host memory. Restoring copies
 those rows and then prefills the last prompt token alone: that one-token forward yields the
 logits the first token is sampled from, exactly as `TargetEngine.open` samples it (same key,
 same sampling parameters), so a restored session continues like a freshly prefilled one.
@@ -44,8 +44,9 @@ _sample_tokens = jax.jit(sampling_lib.sample_tokens)
 @dataclasses.dataclass(frozen=True)
 class PrefillSnapshot:
   prompt_ids: tuple[int, ...]
-  k: jax.Array  # [layers, bucket, kv_heads, head_dim]: rows of prompt_ids[:-1], zero-padded
-  v: jax.Array  # [layers, bucket, kv_heads, head_dim]
+  # Host memory (numpy), as the reference offloads them: device memory is for live slots.
+  k: np.ndarray  # [layers, bucket, kv_heads, head_dim]: rows of prompt_ids[:-1]
+  v: np.ndarray  # [layers, bucket, kv_heads, head_dim]
 
   @property
   def rows(self) -> int:
@@ -99,7 +100,8 @@ class CachingTargetEngine(engine_lib.TargetEngine):
     prompt = self._prompts.get(slot)
     if prompt is None or session.generated != 1 or session.prefix_len != len(prompt):
       raise ValueError(f"slot {slot} is not freshly prefilled; snapshot right after open()")
-    k, v = _read_rows(self.cache, jnp.int32(slot), min(_bucket(len(prompt) - 1), self.max_len))
+    k, v = jax.device_get(_read_rows(self.cache, jnp.int32(slot),
+                                     min(_bucket(len(prompt) - 1), self.max_len)))
     return PrefillSnapshot(prompt_ids=prompt, k=k, v=v)
 
   def open_from_prefill(self, snapshot: PrefillSnapshot, prompt_ids: Sequence[int],
@@ -120,8 +122,8 @@ class CachingTargetEngine(engine_lib.TargetEngine):
       raise engine_lib.SlotsExhausted(f"all {self.num_slots} slots are busy")
     slot = self._free.pop(0)
     start = time.perf_counter()
-    self.cache = _write_rows(self.cache, jnp.int32(slot), snapshot.k, snapshot.v,
-                             jnp.int32(snapshot.rows))
+    self.cache = _write_rows(self.cache, jnp.int32(slot), jnp.asarray(snapshot.k),
+                             jnp.asarray(snapshot.v), jnp.int32(snapshot.rows))
     # pylint: disable=protected-access (see the module docstring)
     self.cache, logits = engine_lib._prefill(self.graphdef, self.state, self.cache, slot,
                                              prompt[-1:], snapshot.rows, self.chunk_sizes)

@@ -1,0 +1,56 @@
+"""The main job's config: the embedded tiny Qwen3 target/draft pair and prompt set, on one machine.
+
+    python -m launch.local                                   # this config
+    python -m launch.local --config.edge.num_drafters=4 --config.workload.num_requests=16
+
+Sizes are for CPU: the embedded models are a few million parameters, so a 33-node tree costs
+the target about as much as one decode step and speculation pays off even without a GPU.
+"""
+
+import ml_collections
+
+from specedge_jax import assets
+
+
+def get_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "name": "embedded",
+      "models": {
+          "target": assets.DEFAULT_TARGET_DIR,
+          "draft": assets.DEFAULT_DRAFT_DIR,
+          "tokenizer": "",  # the target's folder
+          "dtype": "",  # fp32 as stored
+      },
+      # The reference's SpecExec tree.
+      "tree": {"max_n_beams": 32, "max_beam_len": 4, "max_branch_width": 16, "max_budget": 32},
+      "proactive": {"mode": "excluded", "max_n_beams": 8, "max_beam_len": 2,
+                    "max_branch_width": 8, "max_budget": 8},
+      "server": {
+          "num_slots": 8,
+          "max_batch_size": 8,
+          "max_len": 512,
+          "prefill_chunk": 64,
+          "prefill_cache_entries": 0,
+          "session_timeout_s": 600.0,
+          "batching": {"mode": "dynamic", "max_wait_ms": 0.0, "static_timeout_s": 5.0},
+      },
+      "edge": {
+          "num_drafters": 2,
+          "requests_per_drafter": 2,
+          "interleave": True,
+          "simulated_rtt_ms": 14.0,  # the paper's edge-to-server round trip
+          "max_len": 512,
+      },
+      "workload": {
+          "source": "embedded",
+          "dataset_dir": "",
+          "num_requests": 8,
+          "req_offset": 0,
+          "sample_req_cnt": 1,
+          "max_new_tokens": 48,
+          "temperature": 0.0,
+          "top_p": 1.0,
+          "top_k": 0,
+          "seed": 0,
+      },
+  })

@@ -1,0 +1,227 @@
+"""What each serving process does, as library functions behind the thin launchers.
+
+`serve_verifier` (launch/verifier.py), `run_drafter` (launch/drafter.py) and `run_server_only`
+(launch/server_only.py) load models from a `ServingConfig`, build engines, warm them up (so no
+compilation lands inside a measured run), and run. This module owns that wiring; the serving
+logic itself is in verifier.py, drafter.py and baselines.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from specedge_jax import engine as engine_lib
+from specedge_jax.events import EventLog
+from specedge_jax.sampling import SamplingParams
+from specedge_jax.serving import baselines, workload
+from specedge_jax.serving.config import ServingConfig
+from specedge_jax.serving.drafter import Drafter, DrafterConfig, RequestOutput
+from specedge_jax.serving.verifier import VerifierServer
+
+_log = logging.getLogger(__name__)
+
+
+def load_model(path: str, dtype: str = ""):
+  from specedge_jax import orbax_io  # pylint: disable=g-import-not-at-top (loads orbax)
+
+  return orbax_io.load_model(path, dtype=dtype or None)
+
+
+def has_tokenizer(folder: str) -> bool:
+  return any(os.path.isfile(os.path.join(folder, name))
+             for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def event_log(path: str | None, system: str) -> EventLog | None:
+  return EventLog(path, system) if path else None
+
+
+def build_target_engine(config: ServingConfig, model=None):
+  """The verifier's engine, warmed up (every batch bucket and prefill chunk compiled)."""
+  from specedge_jax.serving import prefill_cache  # pylint: disable=g-import-not-at-top
+
+  model = model or load_model(config.models.target, config.models.dtype)
+  server = config.server
+  engine_class = (prefill_cache.CachingTargetEngine if server.prefill_cache_entries
+                  else engine_lib.TargetEngine)
+  engine = engine_class(model, num_slots=server.num_slots, max_len=server.max_len,
+                        max_tree_nodes=config.max_tree_nodes,
+                        max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk)
+  engine.warmup()
+  # warmup() compiles verify, decode and prefill; one real open compiles the rest of that path
+  # (first-token sampling), and for the prefill cache the snapshot copy in both directions.
+  slot, _, _ = engine.open([0], SamplingParams(), 0, 1)
+  if server.prefill_cache_entries:
+    snapshot = engine.export_prefill(slot)
+    engine.close(slot)
+    slot, _, _ = engine.open_from_prefill(snapshot, [0], SamplingParams(), 0, 1)
+  engine.close(slot)
+  return engine
+
+
+def build_draft_engine(config: ServingConfig, num_slots: int | None = None, model=None):
+  model = model or load_model(config.models.draft, config.models.dtype)
+  engine = engine_lib.DraftEngine(model, num_slots=num_slots or config.edge.requests_per_drafter,
+                                  max_len=config.edge.max_len, tree=config.tree,
+                                  proactive=config.proactive)
+  warmup_draft_engine(engine)
+  return engine
+
+
+def warmup_draft_engine(engine: engine_lib.DraftEngine) -> None:
+  """Compiles the draft engine's hot paths: both prefill chunk sizes, grow, proactive grow,
+  commit on a miss and (when proactive drafting is on) on a hit, and a re-rooted grow."""
+  for prompt_len in sorted({1, min(engine.chunk_sizes) + 1}):
+    slot = engine.open([0] * prompt_len, 0)
+    tree = engine.draft(slot)
+    engine.draft_proactive(slot)
+    result = engine_lib.VerifyResult(accepted=[], bonus=int(tree.tokens[0]),
+                                     emitted=[int(tree.tokens[0])], finished=False)
+    hit_result = _proactive_guess(engine, slot)
+    engine.commit(slot, hit_result or result)
+    engine.draft(slot)
+    engine.close(slot)
+
+
+def _proactive_guess(engine, slot: int) -> engine_lib.VerifyResult | None:
+  """A result that hits the slot's proactive guess, to compile the re-rooting path. Reads the
+  engine's session record; returns None if it does not look as expected (warm-up only)."""
+  try:
+    session = engine.session(slot)
+    proactive, inflight = session.proactive, session.inflight
+    if proactive is None or inflight is None:
+      return None
+    tokens = np.asarray(inflight.tokens)
+    parents = np.asarray(inflight.parents)
+    path, node = [], int(proactive.leaf)
+    while node > 0:
+      path.append(int(tokens[node]))
+      node = int(parents[node])
+    path.reverse()
+    return engine_lib.VerifyResult(accepted=path, bonus=int(proactive.token),
+                                   emitted=path + [int(proactive.token)], finished=False)
+  except (AttributeError, TypeError, ValueError):
+    return None
+
+
+async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port: int = 50051,
+                         port_file: str | None = None, events_path: str | None = None,
+                         run_id: str | None = None,
+                         on_ready: Callable[[int], None] | None = None) -> None:
+  """Loads the target, serves until SIGINT/SIGTERM, then shuts down gracefully."""
+  engine = build_target_engine(config)
+  tokenizer = None
+  if has_tokenizer(config.models.tokenizer_dir):
+    tokenizer = workload.load_tokenizer(config.models.tokenizer_dir)
+  log = event_log(events_path, "specedge")
+  if log is not None and run_id:
+    log = _Tagged(log, run_id=run_id)
+  server = VerifierServer(engine, batching=config.server.batching, tokenizer=tokenizer,
+                          event_log=log, prefill_cache_entries=config.server.prefill_cache_entries,
+                          session_timeout_s=config.server.session_timeout_s)
+  bound = await server.start(f"{host}:{port}")
+  _log.info("verifier serving on %s:%d", host, bound)
+  if port_file:
+    # Written atomically: the launcher polls for it and must never read half a number.
+    tmp = f"{port_file}.tmp"
+    with open(tmp, "w") as f:
+      f.write(str(bound))
+    os.replace(tmp, port_file)
+  if on_ready is not None:
+    on_ready(bound)
+  stop = asyncio.Event()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    loop.add_signal_handler(sig, stop.set)
+  await stop.wait()
+  _log.info("verifier shutting down")
+  await server.stop(grace=2.0)
+  if log is not None:
+    log.close()
+
+
+class _Tagged:
+  """An EventLog view that adds fixed fields (run_id) to every event."""
+
+  def __init__(self, log: EventLog, **tags):
+    self._log, self._tags = log, tags
+    self.events = log.events
+
+  def emit(self, kind: str, **fields):
+    return self._log.emit(kind, **self._tags, **fields)
+
+  def close(self):
+    self._log.close()
+
+
+async def wait_for_server(address: str, timeout_s: float) -> None:
+  """Waits until the verifier's health service says SERVING."""
+  from grpc_health.v1 import health_pb2, health_pb2_grpc  # pylint: disable=g-import-not-at-top
+
+  deadline = time.monotonic() + timeout_s
+  async with grpc.aio.insecure_channel(address) as channel:
+    stub = health_pb2_grpc.HealthStub(channel)
+    while True:
+      try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service="specedge.v1.Verifier"),
+                                 timeout=2.0)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+          return
+      except grpc.aio.AioRpcError:
+        pass
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"no SERVING verifier at {address} after {timeout_s:.0f} s")
+      await asyncio.sleep(0.2)
+
+
+async def run_drafter(config: ServingConfig, server_address: str, *, client_index: int = 0,
+                      events_path: str | None = None, run_id: str | None = None,
+                      on_tokens=None, connect_timeout_s: float = 600.0) -> list[RequestOutput]:
+  """Loads the draft model, serves this client's share of the workload, returns the outputs."""
+  num_clients = config.edge.num_drafters
+  requests = workload.shard(workload.load_requests(config), client_index, num_clients)
+  engine = build_draft_engine(config)
+  await wait_for_server(server_address, connect_timeout_s)
+  log = event_log(events_path, "specedge")
+  tags = {"run_id": run_id} if run_id else {}
+  drafter_config = DrafterConfig(
+      client_id=f"edge{client_index}",
+      max_concurrent_requests=config.edge.requests_per_drafter,
+      interleave=config.edge.interleave, proactive=config.proactive.enabled,
+      max_new_tokens=config.workload.max_new_tokens, sampling=config.workload.sampling,
+      seed=config.workload.seed, simulated_rtt_ms=config.edge.simulated_rtt_ms)
+  try:
+    async with grpc.aio.insecure_channel(server_address) as channel:
+      drafter = Drafter(engine, channel, drafter_config, event_log=log, event_tags=tags,
+                        on_tokens=on_tokens)
+      return await drafter.run(requests)
+  finally:
+    if log is not None:
+      log.close()
+
+
+def run_server_only(config: ServingConfig, kind: str, *, events_path: str | None = None,
+                    run_id: str | None = None, on_progress=None) -> list[RequestOutput]:
+  """The server-only baseline on the config's workload (all of it, on this process)."""
+  requests = workload.load_requests(config)
+  target = build_target_engine(config)
+  draft = build_draft_engine(config, num_slots=config.server.max_batch_size) \
+      if kind == "speculative" else None
+  log = event_log(events_path, baselines.SYSTEM_NAMES[kind])
+  try:
+    return baselines.run_baseline(
+        kind, target, requests, max_new_tokens=config.workload.max_new_tokens,
+        sampling=config.workload.sampling, seed=config.workload.seed, draft=draft,
+        event_log=log, event_tags={"run_id": run_id} if run_id else None,
+        on_progress=on_progress)
+  finally:
+    if log is not None:
+      log.close()
