@@ -75,6 +75,7 @@ def processed_log_probs(logits: jax.Array, temperature: jax.Array, top_p: jax.Ar
   return jax.nn.log_softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
 
 
+@jax.jit
 def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
                   top_k: jax.Array) -> jax.Array:
   """One token per position: [B, T] int32.
@@ -83,7 +84,9 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
 
   The vocabulary sort behind top-k/top-p costs more than a small model's forward on CPU, so it
   runs only when some lane asks for it, and nothing but the argmax runs when every lane is
-  greedy (`lax.cond` picks at run time; both branches are compiled once).
+  greedy (`lax.cond` picks at run time; both branches are compiled once). It is jitted itself
+  because the engine also calls it outside jit (the first token after prefill), where a
+  `lax.cond` over fresh closures would otherwise be retraced and recompiled on every call.
   """
   seq = logits.shape[1]
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
