@@ -40,10 +40,6 @@ from specedge_jax.sampling import SamplingParams
 
 PROACTIVE_MODES = ("disabled", "excluded", "included")
 
-# Jitted once: called eagerly, `sample_tokens` re-traces its `lax.cond` branches (fresh closures)
-# and recompiles on every call, about 1.5 s per `open` on a 2-core CPU.
-_sample_first_token = jax.jit(sampling_lib.sample_tokens)
-
 
 @dataclasses.dataclass(frozen=True)
 class TreeParams:
@@ -234,8 +230,10 @@ class TargetEngine:
     seed = int(seed) & 0xFFFFFFFF
     params = sampling_lib.stack_params([sampling])
     keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
-    first = _sample_first_token(logits[None, None], keys, params["temperature"],
-                                params["top_p"], params["top_k"])
+    # sample_tokens is jitted at its definition: called eagerly here, a `lax.cond` over fresh
+    # closures would otherwise recompile on every open (~1.5 s each on a 2-core CPU).
+    first = sampling_lib.sample_tokens(logits[None, None], keys, params["temperature"],
+                                       params["top_p"], params["top_k"])
     first = int(first[0, 0])
     self.last_forward_s = time.perf_counter() - start
     finished = first in self.eos_token_ids or max_new_tokens == 1

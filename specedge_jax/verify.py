@@ -32,6 +32,7 @@ from specedge_jax import sampling
 from specedge_jax import tree as tree_lib
 
 
+@jax.jit
 def request_keys(seeds, steps):
   """[B] PRNG keys: one stream per request seed, one key per step of it."""
   return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
