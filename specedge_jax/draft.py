@@ -69,7 +69,11 @@ def _forward_nodes(model, tree: tree_lib.Tree, cache: KVCache, beam, beam_live, 
   logits, cache = model(tree.tokens[beam][None, :], (root_position + tree.depth[beam])[None, :],
                         mask[None], cache, slot[None], beam_rows[None, :])
   log_probs = jax.nn.log_softmax(logits[0], axis=-1)  # [n_beams, V]
-  top_logp, top_tokens = jax.lax.top_k(log_probs, tree.num_child_candidates)  # [n_beams, C]
+  # The barrier keeps XLA from merging the callers' `[:, :branch_width]` slices into the top_k:
+  # merged, XLA:CPU no longer matches its fast TopK kernel and sorts all [n_beams, V] instead
+  # (36 ms of a 45 ms grow step for 32 beams over a 4096 vocab; docs/notes/peers.md).
+  top_logp, top_tokens = jax.lax.optimization_barrier(
+      jax.lax.top_k(log_probs, tree.num_child_candidates))  # [n_beams, C]
   top_tokens = top_tokens.astype(jnp.int32)
   tree = tree.replace(
       expanded=tree.expanded.at[beam_or_drop].set(True, mode="drop"),
