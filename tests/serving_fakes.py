@@ -11,6 +11,7 @@ max_new_tokens handling, VerifyResult fields.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -37,11 +38,11 @@ class FakeTargetEngine:
   """Deterministic target: successor() is always the target's token."""
 
   def __init__(self, *, vocab_size=50, num_slots=4, max_len=256, max_tree_nodes=16,
-               max_batch_size=4, eos_token_ids=(), forward_delay_s=0.0):
+               max_batch_size=4, eos_token_ids=(), forward_delay_s=0.0, open_delay_s=0.0):
     self.vocab_size, self.num_slots, self.max_len = vocab_size, num_slots, max_len
     self.max_tree_nodes, self.max_batch_size = max_tree_nodes, max_batch_size
     self.eos_token_ids = frozenset(eos_token_ids)
-    self.forward_delay_s = forward_delay_s
+    self.forward_delay_s, self.open_delay_s = forward_delay_s, open_delay_s
     self._free = list(range(num_slots))
     self._sessions: dict[int, dict] = {}
     self.verify_batch_sizes: list[int] = []
@@ -73,6 +74,8 @@ class FakeTargetEngine:
     if not self._free:
       raise SlotsExhausted(f"all {self.num_slots} slots are busy")
     slot = self._free.pop(0)
+    if self.open_delay_s:
+      time.sleep(self.open_delay_s)
     self.opened_prompts.append(tuple(prompt_ids))
     first = successor(prompt_ids[-1], self.vocab_size)
     finished = first in self.eos_token_ids or max_new_tokens == 1
@@ -94,7 +97,6 @@ class FakeTargetEngine:
     assert len({slot for slot, _ in requests}) == len(requests), "a slot twice in one batch"
     self.verify_batch_sizes.append(len(requests))
     if self.forward_delay_s:
-      import time  # pylint: disable=g-import-not-at-top
       time.sleep(self.forward_delay_s)
     return [self._verify_one(slot, tree) for slot, tree in requests]
 

@@ -447,3 +447,53 @@ def test_proactive_drafting_runs_while_trees_are_in_flight():
       if op == "proactive":
         assert slot_ops[i - 1] == "draft" and slot_ops[i + 1] == "commit"
   assert ops.count("proactive") >= 4
+
+
+def test_a_cancelled_verify_still_advances_its_session():
+  """The client gives up on a Verify that is queued (static batching waits for b); the tree is
+  still verified when the batch runs, and the session continues from the new root."""
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4)
+
+  async def scenario():
+    async with serving(target, batching=BatchingConfig(mode="static", static_timeout_s=30)) as (
+        server, _, stub):
+      a = await open_session(stub, prompt=(1,), max_new_tokens=20)
+      b = await open_session(stub, prompt=(2,), max_new_tokens=20)
+      tokens, parents = chain_tree(a.first_token, 2)
+      await expect_status(grpc.StatusCode.DEADLINE_EXCEEDED, stub.Verify(pb.VerifyRequest(
+          session_id=a.session_id, root_token=a.first_token, tokens=tokens, parents=parents),
+                                                                        timeout=0.2))
+      b_response = await stub.Verify(pb.VerifyRequest(session_id=b.session_id,
+                                                      root_token=b.first_token))
+      while server.servicer.sessions[a.session_id].verify_in_flight:
+        await asyncio.sleep(0.01)
+      want = expected_output((1,), 6, VOCAB)  # first token, 2 accepted, bonus, then 2 more
+      root = want[3]
+      assert server.servicer.sessions[a.session_id].last_token == root
+      tokens, parents = chain_tree(root, 1)
+      response, _ = await asyncio.gather(
+          stub.Verify(pb.VerifyRequest(session_id=a.session_id, root_token=root, tokens=tokens,
+                                       parents=parents)),
+          stub.Verify(pb.VerifyRequest(session_id=b.session_id,
+                                       root_token=b_response.bonus_token)))
+      assert list(response.emitted_tokens) == want[4:6]
+      assert response.timing.batch_size == 2
+
+  run(scenario())
+
+
+def test_an_open_abandoned_by_its_client_frees_its_slot():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2, open_delay_s=0.3)
+
+  async def scenario():
+    async with serving(target) as (server, _, stub):
+      await expect_status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[1],
+                                                                 max_new_tokens=4), timeout=0.05))
+      await asyncio.sleep(0.6)  # the open completes on the engine thread, then gets closed
+      assert server.servicer.sessions == {}
+      await open_session(stub, prompt=(1,))
+      await open_session(stub, prompt=(2,))  # both slots are usable
+
+  run(scenario())
+  assert target.num_free_slots == 0 and len(target.opened_prompts) == 3
