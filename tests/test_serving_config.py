@@ -70,6 +70,7 @@ def test_shard_deals_round_robin_and_covers_everything_once():
 def test_check_fits_names_the_first_prompt_that_does_not_fit():
   mapping = config_dict("embedded.py").to_dict()
   mapping["server"]["max_len"] = 100
+  mapping["tree"]["max_budget"] = 32
   mapping["workload"]["max_new_tokens"] = 40
   config = ServingConfig.from_mapping(mapping)  # 100 - 33-node tree - 40 = 27 prompt tokens
   workload.check_fits(requests([27, 5]), config)
