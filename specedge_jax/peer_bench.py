@@ -282,7 +282,7 @@ def _run(target_dir, draft_dir, prompts, *, max_new_tokens, tree, eos_token_ids,
   }
 
   progress("warming up")
-  target_engine.warmup()
+  target_engine.warmup(decode="ours-target-only" in methods)
   # The shortest and the longest prompt: the draft engine compiles its prefill per chunk size
   # on first use, and a prompt longer than the small chunk is the only one that needs both.
   for prompt in {len(p): p for p in sorted(prompts, key=len)[::len(prompts) - 1 or 1]}.values():
@@ -346,6 +346,7 @@ def plot_tokens_per_s(result: PeerBenchResult, path: str) -> None:
   bars = ax.bar(names, values, color=["tab:blue" if n.startswith("ours") else "tab:orange"
                                       for n in names])
   ax.bar_label(bars, fmt="%.0f")
+  ax.set_ylim(top=1.15 * max(values))  # room for the labels
   ax.set_ylabel("tokens / s (batch 1, greedy)")
   ax.set_title(f"{result.num_prompts} prompts x {result.max_new_tokens} tokens, tree "
                f"{dataclasses.astuple(result.tree)}")
