@@ -140,7 +140,8 @@ class _Run:
   verify_s: float = 0.0
 
 
-def _load_hf(folder: str):
+def load_torch_model(folder: str):
+  """HF transformers' PyTorch model from an HF folder, float32, eval mode."""
   import torch
   import transformers
 
@@ -213,7 +214,7 @@ def _run(target_dir, draft_dir, prompts, *, max_new_tokens, tree, eos_token_ids,
   progress("loading models")
   target_jax = orbax_io.load_model(target_dir)
   draft_jax = orbax_io.load_model(draft_dir)
-  target_hf, draft_hf = _load_hf(target_dir), _load_hf(draft_dir)
+  target_hf, draft_hf = load_torch_model(target_dir), load_torch_model(draft_dir)
   tokenizer = _load_tokenizer(target_dir)
   eos = tuple(int(t) for t in (target_jax.config.eos_token_ids if eos_token_ids is None
                                else eos_token_ids))

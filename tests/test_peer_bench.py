@@ -53,7 +53,7 @@ def pair_dirs(tmp_path_factory):
 
 
 def _hf(folder):
-  return peer_bench._load_hf(folder)
+  return peer_bench.load_torch_model(folder)
 
 
 def _hf_greedy(model, prompt, max_new_tokens, eos=None):
