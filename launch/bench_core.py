@@ -73,7 +73,7 @@ def main(argv):
   table = Table(title=f"greedy generation, {len(prompt_ids)} prompts x {_MAX_NEW.value} tokens, "
                 f"tree {dataclasses.astuple(tree)}")
   for column in ("B", "proactive", "target-only tok/s", "speculative tok/s", "speedup",
-                 "accepted/step", "hit rate", "host overhead", "identical"):
+                 "accepted/step", "hit rate", "host overhead", "identical", "compiles"):
     table.add_column(column, justify="right")
   for batch in (int(b) for b in _GEN_BATCH_SIZES.value):
     for mode in _PROACTIVE.value:
@@ -86,7 +86,8 @@ def main(argv):
       table.add_row(str(batch), mode, f"{c.ar_tokens_per_s:.1f}", f"{c.spec_tokens_per_s:.1f}",
                     f"{c.speedup:.2f}x", f"{c.mean_accepted:.2f}",
                     "-" if c.proactive_hit_rate is None else f"{c.proactive_hit_rate:.0%}",
-                    f"{c.host_overhead:.1%}", "yes" if c.identical_outputs else "NO")
+                    f"{c.host_overhead:.1%}", "yes" if c.identical_outputs else "NO",
+                    str(c.compiles_in_timed_runs))
   console.print(table)
 
   if _PLOT.value:

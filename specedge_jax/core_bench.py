@@ -29,6 +29,9 @@ from specedge_jax import verify as verify_lib
 from specedge_jax.model import split_model
 
 
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
 @dataclasses.dataclass
 class VerifyPoint:
   batch_size: int
@@ -89,6 +92,7 @@ class GenerationComparison:
   proactive_hit_rate: float | None
   host_overhead: float  # share of a speculative step's wall time spent outside device calls
   identical_outputs: bool
+  compiles_in_timed_runs: int  # must be 0: a timed run that compiles measures the compiler
 
   @property
   def ar_tokens_per_s(self) -> float:
@@ -115,11 +119,17 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
   draft_engine = E.DraftEngine(draft, num_slots=batch_size, max_len=max_len, tree=tree,
                                proactive=proactive)
   greedy = sampling_lib.GREEDY
-  # Warm-up: compile every shape both loops will use (all batch buckets, both chunk sizes).
+  # Warm-up: the real workload on up to 8 prompts at full length, so every path that compiles
+  # something (batch buckets, prefill chunks, an unexpanded accepted leaf, proactive re-rooting)
+  # has run once. A short warm-up missed some and put ~19 s of compiling into the timed run.
   target_engine.warmup()
-  warm = list(prompts[:batch_size]) + [list(prompts[0][:3])]
-  E.generate(target_engine, warm, sampling=greedy, max_new_tokens=8)
-  E.generate(target_engine, warm, draft=draft_engine, sampling=greedy, max_new_tokens=8)
+  warm = list(prompts[:max(8, batch_size)]) + [list(prompts[0][:3])]
+  E.generate(target_engine, warm, sampling=greedy, max_new_tokens=max_new_tokens)
+  E.generate(target_engine, warm, draft=draft_engine, sampling=greedy,
+             max_new_tokens=max_new_tokens)
+  compiles = []
+  listener = lambda name, *_a, **_k: compiles.append(name) if name == _COMPILE_EVENT else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
 
   ar = E.generate(target_engine, prompts, sampling=greedy, max_new_tokens=max_new_tokens)
   spec = E.generate(target_engine, prompts, draft=draft_engine, sampling=greedy,
@@ -131,6 +141,7 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
                        max_new_tokens=max_new_tokens)
   device_s = target_engine.clock.seconds + draft_engine.clock.seconds
   target_engine.clock.enabled = draft_engine.clock.enabled = False
+  jax.monitoring.unregister_event_duration_listener(listener)
   hits = [h for s in spec.steps for h in s.proactive_hits if h is not None]
   return GenerationComparison(
       batch_size=batch_size, tree=tree, proactive_mode=proactive.mode,
@@ -138,4 +149,5 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
       spec_tokens=spec.num_tokens, spec_wall_s=spec.wall_s, mean_accepted=spec.mean_accepted,
       proactive_hit_rate=(sum(hits) / len(hits)) if hits else None,
       host_overhead=max(0.0, 1.0 - device_s / clocked.wall_s),
-      identical_outputs=(spec.tokens == ar.tokens == clocked.tokens))
+      identical_outputs=(spec.tokens == ar.tokens == clocked.tokens),
+      compiles_in_timed_runs=len(compiles))

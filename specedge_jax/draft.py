@@ -227,67 +227,84 @@ def expand_leaves(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *,
   return cache, tree, next_row + capacity
 
 
-@jax.jit
-def best_leaf_and_bonus(tree: tree_lib.Tree) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The most likely (node, bonus token) end of verification for this tree, by draft scores.
-
-  Verification ends at node n with bonus t exactly when the path to n is accepted and the
-  target's token at n is none of n's children. Among expanded nodes (whose next-token
-  candidates are known; run `expand_leaves` first so leaves count too), pick the (n, t) with t
-  not a child of n maximising score(n) + log(0.9) + log p(t | n).
-
-  Returns (node index, token, score); score is -inf when no expanded node has a candidate.
-  """
-  capacity, num_candidates = tree.child_tokens.shape
-  # is_child[n, c]: candidate c of node n is already a child of n in the tree.
+def _non_child_candidates(tree: tree_lib.Tree) -> tuple[jax.Array, jax.Array]:
+  """[N, C] mask of next-token candidates that are not already children of their node, and
+  each candidate's score as a new child (score(n) + log 0.9 + log p(t|n))."""
+  capacity = tree.capacity
   child_of = (tree.parents[None, :] == jnp.arange(capacity)[:, None]) & tree.valid[None, :]
   same_token = tree.child_tokens[:, :, None] == tree.tokens[None, None, :]  # [N, C, N]
   is_child = jnp.any(same_token & child_of[:, None, :], axis=-1)
-  pair_score = tree.score[:, None] + LEVEL_DECAY + tree.child_logp
-  usable = (tree.valid & tree.expanded)[:, None] & ~is_child
-  pair_score = jnp.where(usable, pair_score, tree_lib.NEG_INF).reshape(-1)
-  best = jnp.argmax(pair_score)
-  return ((best // num_candidates).astype(jnp.int32),
-          tree.child_tokens.reshape(-1)[best].astype(jnp.int32), pair_score[best])
+  usable = (tree.valid & tree.expanded)[:, None] & ~is_child & (tree.child_logp > tree_lib.NEG_INF)
+  return usable, tree.score[:, None] + LEVEL_DECAY + tree.child_logp
 
 
 @jax.jit
-def proactive_seed(tree: tree_lib.Tree, leaf: jax.Array, token: jax.Array,
-                   score: jax.Array) -> tree_lib.Tree:
-  """The start of a proactive tree: the path root..leaf (expanded, rows kept) plus `token`
-  as an unexpanded child of `leaf`. Growing it explores what follows if verification ends at
-  `leaf` with bonus `token`."""
+def most_likely_end(tree: tree_lib.Tree, expected_depth: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The node where verification of `tree` is guessed to end, and its draft score.
+
+  Verification ends at node n when the path to n is accepted and the target's token at n is
+  none of n's children. The draft's own probabilities are poor judges of that: a small draft is
+  under-confident (the embedded one put 89% on "ends at the root" in trees where the target
+  always accepted at least one token). So the depth is calibrated on what the target did: the
+  caller passes the running mean of accepted depths, and the guess is the best-scoring node at
+  that depth (the tree's best path), or the deepest level short of it. Only expanded nodes with
+  a bonus candidate qualify (run `expand_leaves` first).
+  """
+  usable, _ = _non_child_candidates(tree)
+  eligible = tree.valid & tree.expanded & jnp.any(usable, axis=-1)
+  target_depth = jnp.minimum(expected_depth, jnp.max(jnp.where(eligible, tree.depth, 0)))
+  at_depth = eligible & (tree.depth == target_depth)
+  node = jnp.argmax(jnp.where(at_depth, tree.score, tree_lib.NEG_INF)).astype(jnp.int32)
+  return node, jnp.where(jnp.any(at_depth), tree.score[node], tree_lib.NEG_INF)
+
+
+@jax.jit
+def proactive_seed(tree: tree_lib.Tree, leaf: jax.Array) -> tree_lib.Tree:
+  """The start of a proactive tree: the path root..leaf (expanded, draft rows kept) plus every
+  next-token candidate of `leaf` that is not already its child, as unexpanded children.
+
+  Each such child is a guess of the bonus token in case verification ends at `leaf`; growing
+  the seed explores what follows each guess, best first (the single most likely (leaf, bonus)
+  pair is the first child). Children beyond the capacity are dropped, lowest score first.
+  """
+  capacity = tree.capacity
+  usable, candidate_score = _non_child_candidates(tree)
   on_path = tree.ancestors[leaf] & tree.valid
   order = jnp.argsort(~on_path, stable=True)
-  keep = on_path[order]
-  seed = tree_lib.select_nodes(tree, order, keep)
-  path_len = jnp.sum(keep).astype(jnp.int32)
+  seed = tree_lib.select_nodes(tree, order, on_path[order])
+  path_len = jnp.sum(on_path).astype(jnp.int32)
   leaf_new = path_len - 1
-  slot_new = path_len  # first free position; capacity exceeds any path by construction
-  idx = jnp.arange(tree.capacity)
-  is_new = idx == slot_new
+  # The leaf's candidates, best first; slot k of the seed gets candidate k - path_len.
+  scores = jnp.where(usable[leaf], candidate_score[leaf], tree_lib.NEG_INF)
+  ranked_score, ranked = jax.lax.top_k(scores, scores.shape[0])
+  idx = jnp.arange(capacity)
+  k = jnp.clip(idx - path_len, 0, scores.shape[0] - 1)
+  is_new = (idx >= path_len) & (idx - path_len < scores.shape[0]) & (ranked_score[k] >
+                                                                      tree_lib.NEG_INF)
+  leaf_row = seed.ancestors[leaf_new]
   return seed.replace(
-      tokens=jnp.where(is_new, token, seed.tokens),
+      tokens=jnp.where(is_new, tree.child_tokens[leaf, ranked[k]], seed.tokens),
       parents=jnp.where(is_new, leaf_new, seed.parents),
       depth=jnp.where(is_new, seed.depth[leaf_new] + 1, seed.depth),
-      score=jnp.where(is_new, score, seed.score),
+      score=jnp.where(is_new, ranked_score[k], seed.score),
       valid=seed.valid | is_new,
-      ancestors=seed.ancestors | (is_new[:, None] & (seed.ancestors[leaf_new][None, :] | is_new[None, :])),
+      ancestors=seed.ancestors | (is_new[:, None] & (leaf_row[None, :]
+                                                     | (is_new[:, None] & (idx[:, None] == idx[None, :])))),
   )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def plan_proactive(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot,
-                   context_len, root_position, next_row):
-  """`expand_leaves`, `best_leaf_and_bonus` and `proactive_seed` fused into one call.
+                   context_len, root_position, next_row, expected_depth):
+  """`expand_leaves`, `most_likely_end` and `proactive_seed` fused into one call.
 
   Returns (cache, expanded in-flight tree, proactive seed tree, plan) where plan is
-  (leaf, token, score, path_len, next_row); the caller fetches the plan with one host sync.
+  (end node, its log-prob, path_len, next_row); the caller fetches it with one host sync.
   """
   cache, tree, next_row = expand_leaves(graphdef, model_state, cache, tree, slot=slot,
                                         context_len=context_len, root_position=root_position,
                                         next_row=next_row)
-  leaf, token, score = best_leaf_and_bonus(tree)
-  seed = proactive_seed(tree, leaf, token, score)
-  path_len = tree.depth[leaf] + 1
-  return cache, tree, seed, (leaf, token, score, path_len, next_row)
+  node, end_score = most_likely_end(tree, expected_depth)
+  seed = proactive_seed(tree, node)
+  path_len = tree.depth[node] + 1
+  return cache, tree, seed, (node, end_score, path_len, next_row)

@@ -63,8 +63,10 @@ class ProactiveParams:
   mode: str = "disabled"  # 'disabled' | 'excluded' | 'included'
   max_n_beams: int = 8
   max_beam_len: int = 2
-  max_branch_width: int = 8
-  max_budget: int = 8
+  # As wide as the main tree: a hit's re-rooted root keeps the children it got here (a node
+  # is expanded once), so a narrower proactive tree would narrow the next tree's first level.
+  max_branch_width: int = 16
+  max_budget: int = 16
 
   def __post_init__(self):
     if self.mode not in PROACTIVE_MODES:
@@ -344,8 +346,7 @@ class _Proactive:
   tree: tree_lib.Tree  # grown proactive tree (path to leaf, then the guessed bonus subtree)
   next_row: int
   leaf: int  # index of the guessed last accepted node in the in-flight tree
-  token: int  # the guessed bonus token
-  root_index: int  # index of the guessed bonus node in `tree`
+  leaf_index: int  # the same node's index in `tree` (its children are the bonus guesses)
   steps: int  # growth steps spent on it
 
 
@@ -376,7 +377,7 @@ class DraftEngine:
                        f"({self.config.vocab_size})")
     self.capacity = tree.max_budget + 1
     if proactive.enabled:
-      # A proactive tree holds the path to its leaf plus the guessed bonus subtree.
+      # A proactive tree holds the path to its end node plus the guessed bonus subtrees.
       self.capacity = max(self.capacity, tree.max_beam_len + 1 + proactive.max_budget + 1)
     self.num_child_candidates = widest + 1
     # Rows for one round's tree: its growth steps, then (proactive on) one forward of its
@@ -392,6 +393,9 @@ class DraftEngine:
     self._sessions: dict[int, _DraftSession] = {}
     self.last_steps = 0  # growth steps of the last draft() call
     self.clock = DeviceClock()
+    # Running mean of accepted tree depth (bonus excluded), over all requests: where the
+    # proactive guess expects verification to end.
+    self.accepted_depth_ema = 1.0
 
   def _region_start(self, round_index: int) -> int:
     return self.max_len + (round_index % 2) * self.region_size
@@ -454,7 +458,8 @@ class DraftEngine:
     return DraftTree(tokens=tokens, parents=parents)
 
   def draft_proactive(self, slot: int) -> None:
-    """Grows the proactive tree from the in-flight tree's most likely (leaf, bonus)."""
+    """Grows the proactive tree: from the node where verification of the in-flight tree most
+    likely ends, with that node's most likely bonus tokens as the roots of the next tree."""
     if not self.proactive_params.enabled:
       return
     session = self.session(slot)
@@ -465,8 +470,9 @@ class DraftEngine:
     self.cache, session.inflight, seed, plan = self.clock(
         draft_lib.plan_proactive, self.graphdef, self.state, self.cache, session.inflight, slot=np.int32(slot),
         context_len=np.int32(session.committed_len),
-        root_position=np.int32(session.committed_len), next_row=np.int32(session.next_row))
-    leaf, token, score, path_len, next_row = (v.item() for v in jax.device_get(plan))
+        root_position=np.int32(session.committed_len), next_row=np.int32(session.next_row),
+        expected_depth=np.int32(round(self.accepted_depth_ema)))
+    leaf, score, path_len, next_row = (v.item() for v in jax.device_get(plan))
     session.next_row = int(next_row)
     if not np.isfinite(score):
       return
@@ -475,7 +481,7 @@ class DraftEngine:
         session, slot, seed, next_row=self._region_start(session.round + 1),
         budget=(path_len - 1) + params.max_budget, num_steps=params.max_beam_len, params=params)
     session.proactive = _Proactive(tree=grown, next_row=next_row, leaf=int(leaf),
-                                   token=int(token), root_index=path_len, steps=steps)
+                                   leaf_index=path_len - 1, steps=steps)
 
   def commit(self, slot: int, result: VerifyResult) -> bool | None:
     """Applies a verification result: compacts the accepted path and prepares the next root.
@@ -509,11 +515,18 @@ class DraftEngine:
                                self.chunk_sizes, self.clock)
     session.committed_len += len(path)
     session.round += 1
+    self.accepted_depth_ema += 0.1 * (len(result.accepted) - self.accepted_depth_ema)
     proactive = session.proactive
-    hit = (proactive is not None and proactive.leaf == path[-1]
-           and proactive.token == result.bonus)
+    hit = False
+    if proactive is not None and proactive.leaf == path[-1]:
+      # A hit: verification ended at the guessed node, with a bonus among the guessed children.
+      p_tokens, p_parents, p_valid = (np.asarray(a) for a in jax.device_get(
+          (proactive.tree.tokens, proactive.tree.parents, proactive.tree.valid)))
+      guess = np.nonzero(p_valid & (p_parents == proactive.leaf_index)
+                         & (p_tokens == result.bonus))[0]
+      hit = guess.size == 1
     if hit:
-      session.tree = self.clock(tree_lib.reroot, proactive.tree, np.int32(proactive.root_index))
+      session.tree = self.clock(tree_lib.reroot, proactive.tree, np.int32(guess[0]))
       session.next_row = proactive.next_row
       session.steps_done = proactive.steps
     else:
