@@ -18,7 +18,7 @@ from specedge_jax import engine as E
 from specedge_jax import metrics
 from specedge_jax.events import EventLog
 from specedge_jax.sampling import SamplingParams
-from specedge_jax.serving import baselines, prefill_cache
+from specedge_jax.serving import baselines, prefill_cache, runners
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
 from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
 
@@ -172,3 +172,21 @@ def test_server_only_baselines_emit_the_target_greedy_tokens(pair, workload, kin
   else:
     assert ops == {"prefill", "draft_prefill", "draft", "verify"}
     assert summary.requests.mean_tokens_per_step > 1.0
+
+
+def test_draft_warmup_can_build_a_proactive_hit(pair):
+  """The drafter's warm-up compiles the re-rooting path by committing a result that hits the
+  proactive guess; check that the result it builds is a hit."""
+  _, draft = pair
+  engine = E.DraftEngine(draft, num_slots=1, max_len=MAX_LEN, tree=TREE,
+                         proactive=E.ProactiveParams(mode="excluded", max_n_beams=4,
+                                                     max_beam_len=2, max_branch_width=4,
+                                                     max_budget=6))
+  slot = engine.open([3, 1, 4, 1, 5], 9)
+  engine.draft(slot)
+  engine.draft_proactive(slot)
+  guess = runners._proactive_guess(engine, slot)  # pylint: disable=protected-access
+  assert guess is not None
+  assert engine.commit(slot, guess) is True
+  engine.close(slot)
+  runners.warmup_draft_engine(engine)  # and the whole warm-up runs on a live engine

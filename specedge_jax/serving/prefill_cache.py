@@ -36,10 +36,6 @@ from specedge_jax.sampling import SamplingParams
 
 _MIN_BUCKET = 8
 
-# Jitted once here: called eagerly, sample_tokens re-traces its vmapped sampler on every call
-# (about 1.5 s per call on a 2-core CPU), which would cost more than the prefill it replaces.
-_sample_tokens = jax.jit(sampling_lib.sample_tokens)
-
 
 @dataclasses.dataclass(frozen=True)
 class PrefillSnapshot:
@@ -131,8 +127,8 @@ class CachingTargetEngine(engine_lib.TargetEngine):
     seed = int(seed) & 0xFFFFFFFF
     params = sampling_lib.stack_params([sampling])
     keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
-    first = _sample_tokens(logits[None, None], keys, params["temperature"], params["top_p"],
-                           params["top_k"])
+    first = sampling_lib.sample_tokens(logits[None, None], keys, params["temperature"],
+                                       params["top_p"], params["top_k"])
     first = int(first[0, 0])
     self.last_forward_s = time.perf_counter() - start
     finished = first in self.eos_token_ids or max_new_tokens == 1

@@ -106,8 +106,17 @@ def _proactive_guess(engine, slot: int) -> engine_lib.VerifyResult | None:
       path.append(int(tokens[node]))
       node = int(parents[node])
     path.reverse()
-    return engine_lib.VerifyResult(accepted=path, bonus=int(proactive.token),
-                                   emitted=path + [int(proactive.token)], finished=False)
+    if hasattr(proactive, "token"):  # one guessed bonus token
+      bonus = int(proactive.token)
+    else:  # several guessed bonus tokens: the children of the guessed node in the proactive tree
+      p_tokens, p_parents, p_valid = (np.asarray(a) for a in (
+          proactive.tree.tokens, proactive.tree.parents, proactive.tree.valid))
+      children = np.nonzero(p_valid & (p_parents == proactive.leaf_index))[0]
+      if not children.size:
+        return None
+      bonus = int(p_tokens[children[0]])
+    return engine_lib.VerifyResult(accepted=path, bonus=bonus, emitted=path + [bonus],
+                                   finished=False)
   except (AttributeError, TypeError, ValueError):
     return None
 
