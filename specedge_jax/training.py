@@ -107,6 +107,8 @@ def save_tokenizer(tokenizer, folder: str) -> None:
   with open(config_path) as f:
     tokenizer_config = json.load(f)
   tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  for loading_detail in ("is_local", "local_files_only"):  # left by from_pretrained on a reload
+    tokenizer_config.pop(loading_detail, None)
   with open(config_path, "w") as f:
     json.dump(tokenizer_config, f, indent=2)
 
