@@ -5,10 +5,12 @@ Times are binary-exact (multiples of 1/8) so the expected values are exact.
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from absl.testing import flagsaver
 
 from specedge_jax import events as events_lib
 from specedge_jax import metrics, report
@@ -235,14 +237,18 @@ def test_report_writes_json_and_pngs(logs, tmp_path):
   assert saved["runs"]["ar-c1"]["requests"]["mean_accepted_depth"] is None
 
 
-def test_report_launcher(logs, tmp_path, capsys):
-  from launch import report as report_launcher
-
+def test_report_launcher(logs, tmp_path):
+  # Run the launcher as a user does, in its own process: launchers define absl flags at import,
+  # and several define the same names (--out_dir), so two launchers cannot share one process.
   out_dir = tmp_path / "launcher_out"
-  with flagsaver.flagsaver(events=[str(logs / "spec" / "*.jsonl")], out_dir=str(out_dir),
-                           itl_slo_ms=300.0, gpu_price=["A100-80GB=10"]):
-    report_launcher.main(["report"])
-  assert "Run summary" in capsys.readouterr().out
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.report", f"--events={logs / 'spec' / '*.jsonl'}",
+       f"--out_dir={out_dir}", "--itl_slo_ms=300", "--gpu_price=A100-80GB=10"],
+      cwd=repo, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Run summary" in result.stdout
   spec = json.loads((out_dir / "report.json").read_text())["runs"]["specedge"]
   assert spec["cost"]["server_usd"] == pytest.approx(3.0 / 3600 * 10)
 
