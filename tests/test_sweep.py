@@ -1,0 +1,134 @@
+"""The grid runner end to end (`python -m launch.sweep`) on a tiny target/draft pair, and its
+planning rules (which run serves which grid point) without any model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import spec_models
+from specedge_jax import checkpoint, prompts, sweep, training
+from specedge_jax.serving.config import ServingConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+  """A tiny Qwen3 target and a close draft with a BPE tokenizer trained on the embedded prompts
+  (as in test_local_cluster.py), so the embedded prompt set and its chat template work."""
+  records = prompts.load_records()
+  texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
+           for r in records]
+  tokenizer = training.train_tokenizer(texts * 4, vocab_size=len(training.SPECIAL_TOKENS) + 320)
+  target, draft = spec_models.make_pair(len(tokenizer), noise=0.005)
+  root = tmp_path_factory.mktemp("pair")
+  dirs = {}
+  for name, model in (("target", target), ("draft", draft)):
+    folder = str(root / name)
+    checkpoint.save_hf(folder, model.config, checkpoint.params_of(model))
+    training.save_tokenizer(tokenizer, folder)
+    dirs[name] = folder
+  return dirs
+
+
+def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(pair_dirs, tmp_path):
+  out_dir = tmp_path / "sweep"
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.sweep",
+       f"--config.models.target={pair_dirs['target']}",
+       f"--config.models.draft={pair_dirs['draft']}",
+       "--config.tree.max_n_beams=2", "--config.tree.max_beam_len=3",
+       "--config.tree.max_branch_width=2", "--config.edge.requests_per_drafter=1",
+       "--clients=1,2", "--batch_sizes=2", "--budgets=6", "--rtt_ms=1",
+       # The speculative baseline takes the same path as the autoregressive one
+       # (launch/server_only.py); it is left out to keep this test's compiles few.
+       "--systems=specedge,server_only_ar",
+       "--num_prompts=2", "--max_new_tokens=6", f"--out_dir={out_dir}",
+       f"--compilation_cache_dir={tmp_path / 'xla'}"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "COLUMNS": "250"})
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  assert "Sweep" in done.stdout and "tok/s wall" in done.stdout, done.stdout
+
+  report = json.loads((out_dir / "report.json").read_text())
+  pairs = {(p["system"], p["point"]): p for p in report["points"]}
+  assert set(pairs) == {(system, point) for system in ("specedge", "server_only_ar")
+                        for point in ("c1-b2-t6-rtt1", "c2-b2-t6-rtt1")}
+  for (system, point), entry in pairs.items():
+    run = report["runs"][entry["run"]]
+    assert run["system"] == system and point in run["points"]
+    summary = run["summary"]
+    assert summary["run"] == entry["run"]
+    assert summary["requests"]["n_requests"] == 2 and summary["generated_tokens"] == 12
+    # Greedy: every system emits the target's own tokens.
+    assert entry["same_tokens_as_ar"] in (None, True)
+    for path in run["event_files"]:
+      assert (out_dir / path).is_file() and path.startswith(run["points"][0] + "/")
+  spec = {p: report["runs"][pairs[("specedge", p)]["run"]]["summary"]
+          for p in ("c1-b2-t6-rtt1", "c2-b2-t6-rtt1")}
+  # Each SpecEdge run is its own (re-tagged) run with its own drafters.
+  assert spec["c1-b2-t6-rtt1"]["n_edges"] == 1 and spec["c2-b2-t6-rtt1"]["n_edges"] == 2
+  assert all(s["requests"]["mean_tokens_per_step"] > 1.0 for s in spec.values())
+  # One user (c1, K=1) vs two users in flight: distinct autoregressive runs.
+  assert pairs[("server_only_ar", "c1-b2-t6-rtt1")]["run"] != \
+      pairs[("server_only_ar", "c2-b2-t6-rtt1")]["run"]
+
+  pngs = ["throughput_vs_clients.png", "itl_vs_clients.png", "itl_cdf.png",
+          "accepted_length_hist.png"]
+  pngs += [f"server_timeline_{name.replace('/', '_')}.png" for name in report["runs"]]
+  for name in pngs:
+    data = (out_dir / name).read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+
+
+def _base(**edge) -> ServingConfig:
+  return ServingConfig.from_mapping({
+      "name": "t", "models": {"target": "t", "draft": "d"},
+      "edge": {"num_drafters": 1, "requests_per_drafter": 2, **edge}})
+
+
+def test_plan_shares_a_baseline_run_only_between_points_it_cannot_tell_apart(tmp_path):
+  options = sweep.SweepOptions(out_dir=str(tmp_path), clients=(1, 2, 4), batch_sizes=(4,),
+                               budgets=(8, 16), rtt_ms=(0.0, 14.0))
+  runs = sweep.plan_runs(_base(), options)
+  by_system = {s: [r for r in runs if r.system == s] for s in sweep.SYSTEMS}
+  # SpecEdge runs every point; 3 clients x 2 budgets x 2 RTTs.
+  assert len(by_system["specedge"]) == 12
+  # With K=2: 1 client = 2 users (batch 2), 2 and 4 clients fill the batch of 4. RTT never
+  # matters to a baseline, the budget only to the speculative one.
+  assert len(by_system["server_only_ar"]) == 2
+  assert len(by_system["server_only_spec"]) == 4
+  ar_batches = sorted(r.config.server.max_batch_size for r in by_system["server_only_ar"])
+  assert ar_batches == [2, 4]
+  for run in by_system["server_only_spec"]:
+    assert {p.budget for p in run.points} == {run.config.tree.max_budget}
+  # Every (system, point) is served by exactly one run.
+  served = [(r.system, p) for r in runs for p in r.points]
+  assert len(served) == len(set(served)) == 3 * len(options.grid())
+  spec = by_system["specedge"][0].config
+  assert (spec.edge.num_drafters, spec.server.max_batch_size, spec.tree.max_budget,
+          spec.edge.simulated_rtt_ms) == (1, 4, 8, 0.0)
+  assert spec.server.num_slots >= 2
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(clients=(0, 1)), "clients"), (dict(clients=(2, 2)), "twice"),
+    (dict(batch_sizes=()), "batch_sizes"), (dict(rtt_ms=(-1.0,)), "rtt_ms"),
+    (dict(systems=("specedge", "vllm")), "vllm"), (dict(num_prompts=0), "num_prompts"),
+])
+def test_bad_options_name_what_is_wrong(bad, match, tmp_path):
+  with pytest.raises(ValueError, match=match):
+    sweep.SweepOptions(out_dir=str(tmp_path), **bad)
+
+
+def test_launcher_rejects_a_bad_grid_before_running_anything(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "launch.sweep", "--clients=1,x",
+                         f"--out_dir={tmp_path / 'never'}"],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "--clients" in done.stderr, done.stderr[-2000:]
+  assert not (tmp_path / "never").exists()
