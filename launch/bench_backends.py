@@ -1,7 +1,8 @@
 """XLA vs PyTorch on one checkpoint: the tree-verification forward and the decode step.
 
   python -m launch.bench_backends                         # random tiny Qwen3 (embedded shape)
-  python -m launch.bench_backends --hf_dir=PATH --threads=1 --out_json=bench.json
+  python -m launch.bench_backends --hf_dir=PATH --threads=1 --out_json=bench.json \
+      --plot=bench.png
 
 What each side computes, and how it is timed: `specedge_jax/backend_bench.py`.
 """
@@ -30,6 +31,7 @@ _THREADS = flags.DEFINE_integer(
     "single-threaded CPU mode.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random checkpoint and inputs.")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "Also write the results here.")
+_PLOT = flags.DEFINE_string("plot", None, "Also draw ms per call and jax's speed-ups (PNG) here.")
 
 
 def main(argv):
@@ -66,6 +68,13 @@ def main(argv):
     console.print(f"[red]{error}[/red]")
   environment = backend_bench.environment()
   console.print(environment)
+  if _PLOT.value:
+    threads = "library default threads" if _THREADS.value == 0 else "1 thread"
+    backend_bench.plot_results(
+        results, config.variants, _PLOT.value,
+        title=f"XLA vs PyTorch, prefix {config.prefix_len}, {threads}, "
+              f"load {environment['load average (1 min)']}")
+    console.print(f"plot: {_PLOT.value}")
   if _OUT_JSON.value:
     with open(_OUT_JSON.value, "w") as f:
       json.dump({"config": dataclasses.asdict(config), "environment": environment,

@@ -437,3 +437,52 @@ def results_table(results: Sequence[CaseResult], variants: Sequence[str],
 def errors_of(results: Sequence[CaseResult]) -> list[str]:
   return [f"{r.case.label} {name}: {v.error}" for r in results for name, v in r.results.items()
           if v.error]
+
+
+def plot_results(results: Sequence[CaseResult], variants: Sequence[str], path: str,
+                 title: str = "") -> str:
+  """Two panels: median ms per call of every variant per case (log scale, with the p25-p75
+  spread as error bars), and jax's speed-up over each torch variant (torch ms / jax ms, median;
+  the dashed line at 1 is parity). A failed variant is left out of its case."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  labels = [r.case.label.replace("verify ", "").replace("decode ", "dec ") for r in results]
+  x = np.arange(len(results))
+  width = 0.8 / max(len(variants), 1)
+  fig, (times_ax, ratio_ax) = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(results)), 7),
+                                           sharex=True)
+  for i, variant in enumerate(variants):
+    offset = (i - (len(variants) - 1) / 2) * width
+    ok = [(k, r.results[variant]) for k, r in enumerate(results)
+          if variant in r.results and r.results[variant].error is None]
+    if not ok:
+      continue
+    where = np.asarray([k for k, _ in ok]) + offset
+    median = np.asarray([v.median_ms for _, v in ok])
+    spread = np.asarray([[v.median_ms - v.p25_ms for _, v in ok],
+                         [v.p75_ms - v.median_ms for _, v in ok]])
+    times_ax.bar(where, median, width, yerr=spread, capsize=2, label=variant)
+    if variant != "jax":
+      ratios = [(k, r.ratio(variant)) for k, r in enumerate(results)]
+      ratios = [(k, q) for k, q in ratios if q is not None]
+      if ratios:
+        ratio_ax.bar(np.asarray([k for k, _ in ratios]) + offset, [q for _, q in ratios], width,
+                     label=f"vs {variant}", color=f"C{i}")
+  times_ax.set_yscale("log")
+  times_ax.set_ylabel("ms per call (median)")
+  times_ax.grid(axis="y", alpha=0.3, which="both")
+  times_ax.legend(fontsize="small", ncol=len(variants))
+  if title:
+    times_ax.set_title(title)
+  ratio_ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+  ratio_ax.set_ylabel("jax speed-up (torch ms / jax ms)")
+  ratio_ax.grid(axis="y", alpha=0.3)
+  ratio_ax.legend(fontsize="small", ncol=len(variants))
+  ratio_ax.set_xticks(x, labels, rotation=30, ha="right")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -50,7 +50,7 @@ def test_variants_agree_and_match_path_forward(tiny_dir, kind, batch, tree_size)
   np.testing.assert_allclose(jax_logits[lane, node], expected.numpy(), atol=bb.LOGIT_ATOL)
 
 
-def test_table_and_unknown_variant(tiny_dir):
+def test_table_plot_and_unknown_variant(tiny_dir, tmp_path):
   with pytest.raises(ValueError, match="unknown variants"):
     bb.make_runners(tiny_dir, ("jax", "tensorflow"))
   result = bb.CaseResult(bb.Case("verify", 1, 32), {
@@ -64,3 +64,7 @@ def test_table_and_unknown_variant(tiny_dir):
   assert bb.errors_of([result]) == ["verify B=1 T=32 torch-compile: BackendCompilerFailed"]
   for statistic in ("median", "min"):  # renders a failed variant
     bb.results_table([result], ("jax", "torch-eager-static", "torch-compile"), statistic)
+  path = bb.plot_results([result], ("jax", "torch-eager-static", "torch-compile"),
+                         str(tmp_path / "plots" / "backends.png"), title="t")
+  data = open(path, "rb").read()
+  assert data.startswith(b"\x89PNG") and len(data) > 5000
