@@ -1,62 +1,33 @@
 """The larger pair: Qwen3-32B on the server, Qwen3-1.7B on the edges.
 
-Point `models.target` / `models.draft` at local checkpoints (HF folders with weights, or orbax
-dirs from `launch/convert.py`); `configs/hf/qwen3_32b.json` and `qwen3_1_7b.json` are their
-architectures. Run the verifier on the GPU server and one drafter per edge GPU:
+Everything but the target follows `qwen3_14b_1_7b.py` (read from beside this file, so the two
+cannot drift apart); `configs/hf/qwen3_32b.json` is the target's architecture. Run it as the 14B
+pair, with this file:
 
     python -m launch.verifier --config=configs/qwen3_32b_1_7b.py --host=0.0.0.0 --port=50051
     python -m launch.drafter --config=configs/qwen3_32b_1_7b.py --server=SERVER:50051 \
         --client_index=0 --config.edge.num_drafters=2
-
-The network is real there, so `edge.simulated_rtt_ms` is 0. Values follow the reference's
-example config (`config/specedge.example.yaml`): fp16 there, bf16 here (TPU/GPU native).
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
 
+def _base_config() -> ml_collections.ConfigDict:
+  # Config files are loaded by path (ml_collections), not as a package: load the sibling so.
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3_14b_1_7b.py")
+  spec = importlib.util.spec_from_file_location("qwen3_14b_1_7b", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def get_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "name": "qwen3_32b_1_7b",
-      "models": {
-          "target": "/models/Qwen3-32B",
-          "draft": "/models/Qwen3-1.7B",
-          "tokenizer": "",
-          "dtype": "bf16",
-      },
-      "tree": {"max_n_beams": 32, "max_beam_len": 4, "max_branch_width": 16, "max_budget": 32},
-      "proactive": {"mode": "excluded", "max_n_beams": 32, "max_beam_len": 3,
-                    "max_branch_width": 16, "max_budget": 32},
-      "server": {
-          # bf16 weights take ~64 GB; a slot (2048 rows x 64 layers x 8 kv heads x 128 x k,v
-          # x 2 bytes) takes 0.5 GiB, so 16 slots add 8 GiB: fits an 80 GB GPU.
-          "num_slots": 16,
-          "max_batch_size": 8,
-          "max_len": 2048,
-          "prefill_chunk": 256,
-          # Host-memory snapshots of replayed prompts (the reference's cache_prefill); the
-          # sampled Spec-Bench rows (480 / 8) all fit.
-          "prefill_cache_entries": 64,
-          "session_timeout_s": 600.0,
-          "batching": {"mode": "dynamic", "max_wait_ms": 1.0, "static_timeout_s": 5.0},
-      },
-      "edge": {
-          "num_drafters": 8,
-          "requests_per_drafter": 2,
-          "interleave": True,
-          "simulated_rtt_ms": 0.0,
-          "max_len": 2048,
-      },
-      "workload": {
-          "source": "specbench",
-          "dataset_dir": "",
-          "num_requests": 0,  # every sampled row
-          "req_offset": 0,
-          "sample_req_cnt": 8,
-          "max_new_tokens": 64,
-          "temperature": 0.7,
-          "top_p": 1.0,
-          "top_k": 0,
-          "seed": 42,
-      },
-  })
+  config = _base_config()
+  config.name = "qwen3_32b_1_7b"
+  config.models.target = "/models/Qwen3-32B"
+  # bf16 weights take ~64 GB; a slot (2048 rows x 64 layers x 8 kv heads x 128 x k,v x 2 bytes)
+  # takes 0.5 GiB, so the base's 16 slots add 8 GiB: fits an 80 GB GPU.
+  return config
