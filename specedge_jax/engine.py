@@ -27,7 +27,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from specedge_jax import draft as draft_lib
@@ -131,7 +130,7 @@ def _bucket(n: int, limit: int) -> int:
   return min(size, limit)
 
 
-def _prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start: int,
+def prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start: int,
              chunk_sizes: tuple[int, ...], clock: DeviceClock | None = None):
   """Writes `token_ids` at rows start.. of `slot` in fixed-size chunks; returns last logits."""
   token_ids = np.asarray(token_ids, np.int32)
@@ -210,6 +209,14 @@ class TargetEngine:
 
     Returns (slot, first_token, finished). Raises SlotsExhausted or ValueError.
     """
+    prompt = self._checked_prompt(prompt_ids, max_new_tokens)
+    return self._open_slot(
+        prompt, sampling, seed, max_new_tokens,
+        fill=lambda cache, slot: prefill(self.graphdef, self.state, cache, slot, prompt, 0,
+                                          self.chunk_sizes, self.clock))
+
+  def _checked_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int) -> np.ndarray:
+    """The prompt as int64 ids; ValueError naming what is wrong with it or with the budget."""
     prompt = np.asarray(prompt_ids, np.int64)
     if prompt.ndim != 1 or prompt.size == 0:
       raise ValueError("prompt must be a non-empty list of token ids")
@@ -223,12 +230,28 @@ class TargetEngine:
       raise ValueError(f"prompt ({prompt.size} tokens) + max_new_tokens ({max_new_tokens}) + "
                        f"tree ({self.max_tree_nodes}) needs {needed} cache rows; this server "
                        f"has {self.max_len}")
+    return prompt
+
+  def _open_slot(self, prompt: np.ndarray, sampling: SamplingParams, seed: int,
+                 max_new_tokens: int, fill) -> tuple[int, int, bool]:
+    """Takes a free slot, fills its rows, samples the first token and opens the session.
+
+    `fill(cache, slot) -> (cache, logits [V])` writes rows [0, len(prompt)) of the slot and
+    returns the logits after the last prompt token: `open` prefills, the verifier's prefill
+    cache (`serving/prefill_cache.py`) restores a snapshot. This is the one place a session
+    starts, so the first token is sampled the same way whichever way the rows were filled. If
+    `fill` raises, the slot goes back to the free list.
+    """
     if not self._free:
       raise SlotsExhausted(f"all {self.num_slots} slots are busy")
     slot = self._free.pop(0)
     start = time.perf_counter()
-    self.cache, logits = _prefill(self.graphdef, self.state, self.cache, slot, prompt, 0,
-                                  self.chunk_sizes, self.clock)
+    try:
+      self.cache, logits = fill(self.cache, slot)
+    except BaseException:
+      self._free.append(slot)
+      self._free.sort()
+      raise
     seed = int(seed) & 0xFFFFFFFF
     params = sampling_lib.stack_params([sampling])
     keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
@@ -416,7 +439,7 @@ class DraftEngine:
       raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the draft cache "
                        f"({self.max_len} rows)")
     slot = self._free.pop(0)
-    self.cache, _ = _prefill(self.graphdef, self.state, self.cache, slot, prompt_ids, 0,
+    self.cache, _ = prefill(self.graphdef, self.state, self.cache, slot, prompt_ids, 0,
                              self.chunk_sizes, self.clock)
     self._sessions[slot] = _DraftSession(committed_len=len(prompt_ids), round=0,
                                          tree=self._root_tree(first_token),
@@ -510,7 +533,7 @@ class DraftEngine:
                             np.array([session.committed_len], np.int32),
                             np.array([num_expanded], np.int32))
     if num_expanded < len(path):
-      self.cache, _ = _prefill(self.graphdef, self.state, self.cache, slot,
+      self.cache, _ = prefill(self.graphdef, self.state, self.cache, slot,
                                [int(tokens[path[-1]])], session.committed_len + num_expanded,
                                self.chunk_sizes, self.clock)
     session.committed_len += len(path)

@@ -85,7 +85,7 @@ class VerifySampler:
     self.verify_fn = verify_fn
     self.cache = kv.KVCache.init(target.config, LANES, 32)
     for lane in range(LANES):
-      self.cache, _ = E._prefill(self.graphdef, self.state, self.cache, lane, PROMPT, 0, (8,))
+      self.cache, _ = E.prefill(self.graphdef, self.state, self.cache, lane, PROMPT, 0, (8,))
 
   def first_two(self, tokens, parents, params, seed):
     """[LANES * ROUNDS, 2] first two emitted tokens after the prefix and root."""

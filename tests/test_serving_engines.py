@@ -145,6 +145,39 @@ def test_prefill_cache_restores_repeated_prompts_exactly(pair, workload):
   assert [e["prefill_cache_hit"] for e in prefills] == [False] * 3 + [True] * 6
 
 
+def test_a_failed_restore_gives_its_slot_back_and_rejects_a_foreign_snapshot(pair, workload):
+  """Opening through the engine's extension point: when filling the rows fails, the slot
+  returns to the free list and the next open still works; a snapshot of another prompt, or a
+  budget that does not fit, is refused before any slot is taken."""
+  target, _ = pair
+  prompts, reference = workload
+  engine = prefill_cache.CachingTargetEngine(
+      target, num_slots=1, max_len=MAX_LEN, max_tree_nodes=TREE.max_budget + 1,
+      max_batch_size=1)
+  slot, first, _ = engine.open(prompts[0], SamplingParams(), 0, MAX_NEW)
+  assert first == reference[0][0]
+  snapshot = engine.export_prefill(slot)
+  engine.close(slot)
+  with pytest.raises(ValueError, match="different prompt"):
+    engine.open_from_prefill(snapshot, prompts[1], SamplingParams(), 0, MAX_NEW)
+  with pytest.raises(ValueError, match="cache rows"):
+    engine.open_from_prefill(snapshot, prompts[0], SamplingParams(), 0, MAX_LEN)
+  broken = prefill_cache.PrefillSnapshot(prompt_ids=snapshot.prompt_ids, k=snapshot.k[:, :, :1],
+                                         v=snapshot.v)  # one kv head: must not broadcast
+  with pytest.raises(ValueError, match="snapshot k rows have shape"):
+    engine.open_from_prefill(broken, prompts[0], SamplingParams(), 0, MAX_NEW)
+  assert engine.num_free_slots == 1
+
+  def failing_fill(cache, slot):
+    raise RuntimeError("device lost")
+
+  with pytest.raises(RuntimeError, match="device lost"):
+    engine._open_slot(engine._checked_prompt(prompts[0], MAX_NEW), SamplingParams(), 0, MAX_NEW,
+                      fill=failing_fill)
+  assert engine.num_free_slots == 1
+  slot, first, _ = engine.open_from_prefill(snapshot, prompts[0], SamplingParams(), 0, MAX_NEW)
+  assert first == reference[0][0] and engine.num_free_slots == 0
+
 @pytest.mark.parametrize("kind", ["autoregressive", "speculative"])
 def test_server_only_baselines_emit_the_target_greedy_tokens(pair, workload, kind):
   target, draft = pair

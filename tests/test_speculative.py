@@ -103,7 +103,7 @@ def test_chunked_prefill_matches_full_forward(pair):
   prompt = spec_models.prompts(1, VOCAB, seed=3, min_len=150, max_len=150)[0]
   cache = kv.KVCache.init(target.config, 2, 192)
   graphdef, state = split_model(target)
-  cache, last = E._prefill(graphdef, state, cache, 1, prompt, 0, (8, 64))
+  cache, last = E.prefill(graphdef, state, cache, 1, prompt, 0, (8, 64))
   logits, _ = target(jnp.asarray([prompt]), jnp.arange(len(prompt))[None],
                      causal_mask(jnp.array([len(prompt)]), len(prompt)))
   np.testing.assert_allclose(np.asarray(last), np.asarray(logits[0, -1]), atol=1e-4)

@@ -11,17 +11,16 @@ those rows and then prefills the last prompt token alone: that one-token forward
 logits the first token is sampled from, exactly as `TargetEngine.open` samples it (same key,
 same sampling parameters), so a restored session continues like a freshly prefilled one.
 
-This module owns only the snapshot/restore path. It relies on `TargetEngine` internals (the free
-slot list, the per-slot session record, the chunked prefill helper); `tests/test_serving_engines`
-pins that a restored session emits exactly what a prefilled one does. The natural home of these
-two methods is `TargetEngine` itself.
+This module owns only the snapshot/restore path. It opens sessions through `TargetEngine`'s
+extension point (`_checked_prompt`, `_open_slot(..., fill)`), so validation, slot bookkeeping and
+first-token sampling are the engine's own; `tests/test_serving_engines` pins that a restored
+session emits exactly what a prefilled one does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Sequence
 
 import jax
@@ -30,8 +29,6 @@ import numpy as np
 
 from specedge_jax import engine as engine_lib
 from specedge_jax import kv_cache as kv
-from specedge_jax import sampling as sampling_lib
-from specedge_jax import verify as verify_lib
 from specedge_jax.sampling import SamplingParams
 
 _MIN_BUCKET = 8
@@ -107,34 +104,23 @@ class CachingTargetEngine(engine_lib.TargetEngine):
     prompt = tuple(int(t) for t in prompt_ids)
     if prompt != snapshot.prompt_ids:
       raise ValueError("the snapshot belongs to a different prompt")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    needed = len(prompt) + max_new_tokens + self.max_tree_nodes
-    if needed > self.max_len:
-      raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) + "
-                       f"tree ({self.max_tree_nodes}) needs {needed} cache rows; this server "
-                       f"has {self.max_len}")
-    if not self._free:
-      raise engine_lib.SlotsExhausted(f"all {self.num_slots} slots are busy")
-    slot = self._free.pop(0)
-    start = time.perf_counter()
-    self.cache = _write_rows(self.cache, jnp.int32(slot), jnp.asarray(snapshot.k),
-                             jnp.asarray(snapshot.v), jnp.int32(snapshot.rows))
-    # pylint: disable=protected-access (see the module docstring)
-    self.cache, logits = engine_lib._prefill(self.graphdef, self.state, self.cache, slot,
-                                             prompt[-1:], snapshot.rows, self.chunk_sizes)
-    # The first token exactly as TargetEngine.open samples it: stream `seed`, step 0.
-    seed = int(seed) & 0xFFFFFFFF
-    params = sampling_lib.stack_params([sampling])
-    keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
-    first = sampling_lib.sample_tokens(logits[None, None], keys, params["temperature"],
-                                       params["top_p"], params["top_k"])
-    first = int(first[0, 0])
-    self.last_forward_s = time.perf_counter() - start
-    finished = first in self.eos_token_ids or max_new_tokens == 1
-    self._sessions[slot] = engine_lib._TargetSession(
-        prefix_len=len(prompt), root=first, sampling=sampling, seed=seed, step=1, generated=1,
-        max_new_tokens=max_new_tokens, finished=finished)
+    checked = self._checked_prompt(prompt, max_new_tokens)
+    layers, _, _, kv_heads, head_dim = self.cache.k.shape
+    for name, rows in (("k", snapshot.k), ("v", snapshot.v)):
+      if (rows.ndim != 4 or rows.shape[0] != layers or rows.shape[2:] != (kv_heads, head_dim)
+          or not snapshot.rows <= rows.shape[1] <= self.max_len):
+        raise ValueError(f"snapshot {name} rows have shape {rows.shape}; this engine needs "
+                         f"[{layers}, {snapshot.rows}..{self.max_len}, {kv_heads}, {head_dim}]")
+
+    def restore(cache: kv.KVCache, slot: int):
+      cache = _write_rows(cache, jnp.int32(slot), jnp.asarray(snapshot.k),
+                          jnp.asarray(snapshot.v), jnp.int32(snapshot.rows))
+      # The last prompt token alone: its forward gives the first-token logits.
+      return engine_lib.prefill(self.graphdef, self.state, cache, slot, prompt[-1:],
+                                snapshot.rows, self.chunk_sizes, self.clock)
+
+    slot, first, finished = self._open_slot(checked, sampling, seed, max_new_tokens,
+                                            fill=restore)
     self._prompts[slot] = prompt
     return slot, first, finished
 
