@@ -3,6 +3,7 @@
   python -m launch.sweep --clients=1,2,4 --batch_sizes=4 --budgets=8 --rtt_ms=14 \
       --num_prompts=8 --max_new_tokens=32 --out_dir=runs/sweep
   python -m launch.sweep --systems=specedge,server_only_ar --config.edge.requests_per_drafter=1
+  python -m launch.sweep --replot=runs/sweep    # plots and report again from the logs, no runs
 
 The base config is `--config` (default configs/embedded.py, overridable field by field); the grid
 flags replace its num_drafters, max_batch_size, tree budget and simulated RTT per point. See
@@ -33,6 +34,9 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None,
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Results folder; default runs/sweep-<time>.")
 _VERIFIER_CPUS = flags.DEFINE_string("verifier_cpus", "", "Pin the verifier and baselines.")
 _DRAFTER_CPUS = flags.DEFINE_string("drafter_cpus", "", "Pin the drafters.")
+_REPLOT = flags.DEFINE_string(
+    "replot", None, "Run nothing: rebuild report.json, the table and the plots of this finished "
+    "sweep folder from its event logs (after a change to a metric or a plot).")
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", local.LocalOptions.compilation_cache_dir,
     "JAX persistent compilation cache shared by the children; '' disables it.")
@@ -49,6 +53,14 @@ def _numbers(flag, convert, default):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  console = Console()
+  if _REPLOT.value:
+    try:
+      result = sweep.replot(_REPLOT.value, console)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    console.print(sweep.sweep_table(result.rows))
+    return
   base = serving_flags.serving_config()
   try:
     options = sweep.SweepOptions(
@@ -64,7 +76,6 @@ def main(argv):
         compilation_cache_dir=_COMPILATION_CACHE_DIR.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  console = Console()
   result = sweep.run_sweep(base, options, console)
   console.print(sweep.sweep_table(result.rows))
   console.print(f"wrote {len(result.written)} files and the event logs to {result.out_dir}")

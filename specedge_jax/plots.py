@@ -34,18 +34,28 @@ def _by_system(summaries: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
   return {system: sorted(runs, key=lambda s: s.n_clients) for system, runs in lines.items()}
 
 
-def plot_throughput_vs_clients(summaries: Sequence[RunSummary], path: str) -> str:
-  """Generated tokens per wall-clock second against the number of clients, a line per system."""
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for system, runs in _by_system(summaries).items():
-    points = [(s.n_clients, s.throughput_per_wall_s) for s in runs
-              if s.throughput_per_wall_s is not None]
-    if points:
-      ax.plot(*zip(*points), marker="o", label=system)
+def _clients_axis(ax, summaries: Sequence[RunSummary]) -> None:
   ax.set_xlabel("clients")
-  ax.set_ylabel("throughput (tokens / s, wall)")
+  ax.set_xticks(sorted({s.n_clients for s in summaries}))  # client counts are integers
   ax.grid(alpha=0.3)
-  ax.legend()
+
+
+def plot_throughput_vs_clients(summaries: Sequence[RunSummary], path: str) -> str:
+  """Generated tokens per second against the number of clients, a line per system: per
+  wall-clock second (left) and per second of server compute (right; SpecEdge's server
+  throughput, which counts only the time the server GPU is busy)."""
+  fig, (wall_ax, server_ax) = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, attribute, label in (
+      (wall_ax, "throughput_per_wall_s", "throughput (tokens / s, wall)"),
+      (server_ax, "throughput_per_compute_s", "server throughput (tokens / s of server compute)")):
+    for system, runs in _by_system(summaries).items():
+      points = [(s.n_clients, getattr(s, attribute)) for s in runs
+                if getattr(s, attribute) is not None]
+      if points:
+        ax.plot(*zip(*points), marker="o", label=system)
+    ax.set_ylabel(label)
+    _clients_axis(ax, summaries)
+  wall_ax.legend(fontsize="small")
   return _save(fig, path)
 
 
@@ -61,32 +71,41 @@ def plot_itl_vs_clients(summaries: Sequence[RunSummary], path: str) -> str:
                       label=f"{system} mean")
     ax.plot(clients, [s.requests.itl.p99_s * 1e3 for s in runs], marker="x", linestyle="--",
             color=line.get_color(), label=f"{system} p99")
-  ax.set_xlabel("clients")
   ax.set_ylabel("inter-token latency (ms)")
-  ax.grid(alpha=0.3)
-  ax.legend()
+  _clients_axis(ax, summaries)
+  ax.legend(fontsize="small")
   return _save(fig, path)
 
 
 def plot_itl_cdf(runs: Sequence[Run], path: str) -> str:
-  """Empirical CDF of the token-weighted ITL samples, a line per run."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  """Empirical CDF of the token-weighted ITL samples: a panel per system, a line per run, on a
+  log time axis (ITL spans milliseconds to the occasional prefill-sized stall)."""
+  by_system: dict[str, list[Run]] = collections.defaultdict(list)
   for run in runs:
-    samples = np.sort(run.itl_samples())
-    if samples.size:
+    if run.itl_samples().size:
+      by_system[run.system].append(run)
+  panels = max(len(by_system), 1)
+  fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), sharey=True, squeeze=False)
+  for ax, (system, system_runs) in zip(axes[0], by_system.items()):
+    for run in system_runs:
+      samples = np.sort(run.itl_samples())
+      # A run's name repeats its system (`system/point` in a sweep): label with the rest.
+      label = run.name.removeprefix(f"{system}/") or run.name
       ax.step(samples * 1e3, np.arange(1, samples.size + 1) / samples.size, where="post",
-              label=run.name)
-  ax.set_xlabel("inter-token latency (ms)")
-  ax.set_ylabel("fraction of tokens")
-  ax.set_ylim(0, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend()
+              label=label)
+    ax.set_xscale("log")
+    ax.set_title(system)
+    ax.set_xlabel("inter-token latency (ms, log)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="x-small")
+  axes[0][0].set_ylabel("fraction of tokens")
+  axes[0][0].set_ylim(0, 1.02)
   return _save(fig, path)
 
 
 def plot_accepted_length_histogram(summaries: Sequence[RunSummary], path: str) -> str:
   """Fraction of verifications by accepted depth (nodes accepted, bonus excluded), bars per run."""
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(9, 4))
   with_data = [s for s in summaries if s.requests.accepted_depth_histogram]
   width = 0.8 / max(len(with_data), 1)
   for i, summary in enumerate(with_data):
@@ -98,8 +117,8 @@ def plot_accepted_length_histogram(summaries: Sequence[RunSummary], path: str) -
   ax.set_xlabel("accepted depth per verification")
   ax.set_ylabel("fraction of verifications")
   ax.grid(alpha=0.3, axis="y")
-  if with_data:
-    ax.legend()
+  if with_data:  # beside the axes: many runs' labels would cover the bars
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return _save(fig, path)
 
 

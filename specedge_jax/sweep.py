@@ -24,8 +24,10 @@ What a grid point means for each system:
                     autoregressive one: a baseline run is made once and shared by every grid
                     point that resolves to the same baseline config.
 
-Every run gets its own `run_id` (`<system>/<point>`) so the report never mixes runs: SpecEdge's
-logs (tagged 'specedge' by `run_local`) are re-tagged when read. This module orchestrates only:
+Every run gets its own `run_id` (`<system>/<point>`) so the report never mixes runs; the children
+write it into every event, so `launch/report.py` can read a results folder's logs directly (the
+sweep also re-tags on reading, which guards against a log moved between folders). This module
+orchestrates only:
 it loads no model (the children do) and never edits the serving stack.
 """
 
@@ -260,8 +262,9 @@ def _run_specedge(run: PlannedRun, folder: str, options: SweepOptions) -> list[s
     result = local.run_local(run.config, local.LocalOptions(
         out_dir=folder, verifier_cpus=options.verifier_cpus, drafter_cpus=options.drafter_cpus,
         compilation_cache_dir=options.compilation_cache_dir,
-        run_timeout_s=options.run_timeout_s), console=Console(file=progress_log, width=120))
-  return result.event_paths[local.SPECEDGE_RUN]
+        run_timeout_s=options.run_timeout_s, run_id=run.name),
+        console=Console(file=progress_log, width=120))
+  return result.event_paths[run.name]
 
 
 def read_run_events(run_paths: Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
@@ -303,12 +306,18 @@ def run_sweep(base: ServingConfig, options: SweepOptions,
       progress.advance(task)
     progress.update(task, description="sweep")
 
+  return _summarize_and_write(options, planned, run_paths,
+                              greedy=base.workload.temperature == 0)
+
+
+def _summarize_and_write(options: SweepOptions, planned: Sequence[PlannedRun],
+                         run_paths: Mapping[str, Sequence[str]], greedy: bool) -> SweepResult:
+  """Reads the runs' logs; writes report.json and the plots; returns the rows."""
   events = read_run_events(run_paths)
   runs, summaries = metrics.summarize_events(events)
   by_name = {s.run: s for s in summaries}
   outputs = _outputs(events)
   ar_system = SYSTEM_NAMES["autoregressive"]
-  greedy = base.workload.temperature == 0
   serving = {(run.system, point): run.name for run in planned for point in run.points}
   rows = []
   for point in options.grid():
@@ -319,11 +328,43 @@ def run_sweep(base: ServingConfig, options: SweepOptions,
       if greedy and reference is not None and system != ar_system:
         same = outputs.get(name) == outputs.get(reference)
       rows.append(SweepRow(system, point, by_name[name], same))
-
   written = [write_report(options, planned, run_paths, rows, summaries)]
   written += write_plots(options, rows, runs, summaries)
   return SweepResult(rows=rows, runs=runs, summaries=summaries, written=written,
                      out_dir=options.out_dir)
+
+
+def replot(out_dir: str, console: Console | None = None) -> SweepResult:
+  """Rebuilds the summaries, report.json and plots of a finished sweep from its event logs.
+
+  Runs nothing: it reads `report.json` (the grid, the runs and their event files) and the logs
+  beside it, so a change to a metric or a plot applies to measured runs without measuring again.
+  """
+  path = os.path.join(out_dir, "report.json")
+  try:
+    with open(path) as f:
+      report = json.load(f)
+    grid = report["grid"]
+    options = SweepOptions(out_dir=out_dir, clients=tuple(grid["clients"]),
+                           batch_sizes=tuple(grid["batch_sizes"]), budgets=tuple(grid["budgets"]),
+                           rtt_ms=tuple(float(r) for r in grid["rtt_ms"]),
+                           systems=tuple(grid["systems"]))
+    run_paths = {name: [os.path.join(out_dir, p) for p in run["event_files"]]
+                 for name, run in report["runs"].items()}
+    planned = [PlannedRun(name, run["system"], ServingConfig.from_mapping(run["config"]),
+                          tuple(p for p in options.grid() if p.name in run["points"]))
+               for name, run in report["runs"].items()]
+  except (OSError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is not a sweep report: {e}") from e
+  missing = [p for paths in run_paths.values() for p in paths if not os.path.exists(p)]
+  if missing:
+    raise ValueError(f"event logs named in {path} are missing (first: {missing[0]}); the "
+                     "logs are not committed with results/, rerun the sweep to replot")
+  greedy = all(run.config.workload.temperature == 0 for run in planned)
+  result = _summarize_and_write(options, planned, run_paths, greedy)
+  if console is not None:
+    console.print(f"replotted {len(result.written)} files in {out_dir}")
+  return result
 
 
 def write_report(options: SweepOptions, planned: Sequence[PlannedRun],

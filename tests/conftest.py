@@ -63,3 +63,26 @@ def hf_checkpoint_dir(tmp_path_factory):
     return cache[key]
 
   return get
+
+
+@pytest.fixture(scope="session")
+def served_pair_dirs(tmp_path_factory):
+  """HF folders {'target', 'draft'} of a tiny Qwen3 target and a close draft, with a byte-level
+  BPE tokenizer trained on the embedded prompts (so the embedded prompt set and its chat template
+  work): the pair that the process-level tests (local cluster, sweep) serve."""
+  import spec_models
+  from specedge_jax import checkpoint, prompts, training
+
+  records = prompts.load_records()
+  texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
+           for r in records]
+  tokenizer = training.train_tokenizer(texts * 4, vocab_size=len(training.SPECIAL_TOKENS) + 320)
+  target, draft = spec_models.make_pair(len(tokenizer), noise=0.005)
+  root = tmp_path_factory.mktemp("served_pair")
+  dirs = {}
+  for name, model in (("target", target), ("draft", draft)):
+    folder = str(root / name)
+    checkpoint.save_hf(folder, model.config, checkpoint.params_of(model))
+    training.save_tokenizer(tokenizer, folder)
+    dirs[name] = folder
+  return dirs

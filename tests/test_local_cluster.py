@@ -14,36 +14,15 @@ import time
 import psutil
 import pytest
 
-import spec_models
-from specedge_jax import checkpoint, prompts, training
 from specedge_jax.serving import processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-  """A tiny Qwen3 target and a close draft, with a byte-level BPE tokenizer trained on the
-  embedded prompts (so that the embedded prompt set and its chat template work)."""
-  records = prompts.load_records()
-  texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
-           for r in records]
-  tokenizer = training.train_tokenizer(texts * 4, vocab_size=len(training.SPECIAL_TOKENS) + 320)
-  target, draft = spec_models.make_pair(len(tokenizer), noise=0.005)
-  root = tmp_path_factory.mktemp("pair")
-  dirs = {}
-  for name, model in (("target", target), ("draft", draft)):
-    folder = str(root / name)
-    checkpoint.save_hf(folder, model.config, checkpoint.params_of(model))
-    training.save_tokenizer(tokenizer, folder)
-    dirs[name] = folder
-  return dirs
-
-
-def local_argv(pair_dirs, out_dir, cache_dir, *extra):
+def local_argv(served_pair_dirs, out_dir, cache_dir, *extra):
   return [sys.executable, "-m", "launch.local",
-          f"--config.models.target={pair_dirs['target']}",
-          f"--config.models.draft={pair_dirs['draft']}",
+          f"--config.models.target={served_pair_dirs['target']}",
+          f"--config.models.draft={served_pair_dirs['draft']}",
           "--config.tree.max_n_beams=4", "--config.tree.max_beam_len=3",
           "--config.tree.max_branch_width=4", "--config.tree.max_budget=12",
           "--config.proactive.mode=disabled",
@@ -59,9 +38,10 @@ def compilation_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
 
 
-def test_local_main_job_matches_the_target_only_baseline(pair_dirs, compilation_cache, tmp_path):
+def test_local_main_job_matches_the_target_only_baseline(served_pair_dirs, compilation_cache,
+                                                         tmp_path):
   out_dir = tmp_path / "run"
-  done = subprocess.run(local_argv(pair_dirs, out_dir, compilation_cache,
+  done = subprocess.run(local_argv(served_pair_dirs, out_dir, compilation_cache,
                                    "--baselines=autoregressive"),
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -101,9 +81,9 @@ def _children_of_run(out_dir: str) -> list[psutil.Process]:
   return found
 
 
-def test_ctrl_c_stops_every_child(pair_dirs, compilation_cache, tmp_path):
+def test_ctrl_c_stops_every_child(served_pair_dirs, compilation_cache, tmp_path):
   out_dir = str(tmp_path / "interrupted")
-  launcher = subprocess.Popen(local_argv(pair_dirs, out_dir, compilation_cache,
+  launcher = subprocess.Popen(local_argv(served_pair_dirs, out_dir, compilation_cache,
                                          "--config.workload.max_new_tokens=40"),
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)

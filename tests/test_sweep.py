@@ -10,38 +10,19 @@ import sys
 
 import pytest
 
-import spec_models
-from specedge_jax import checkpoint, prompts, sweep, training
+from specedge_jax import sweep
 from specedge_jax.serving.config import ServingConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-  """A tiny Qwen3 target and a close draft with a BPE tokenizer trained on the embedded prompts
-  (as in test_local_cluster.py), so the embedded prompt set and its chat template work."""
-  records = prompts.load_records()
-  texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
-           for r in records]
-  tokenizer = training.train_tokenizer(texts * 4, vocab_size=len(training.SPECIAL_TOKENS) + 320)
-  target, draft = spec_models.make_pair(len(tokenizer), noise=0.005)
-  root = tmp_path_factory.mktemp("pair")
-  dirs = {}
-  for name, model in (("target", target), ("draft", draft)):
-    folder = str(root / name)
-    checkpoint.save_hf(folder, model.config, checkpoint.params_of(model))
-    training.save_tokenizer(tokenizer, folder)
-    dirs[name] = folder
-  return dirs
-
-
-def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(pair_dirs, tmp_path):
+def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_dirs,
+                                                                   tmp_path):
   out_dir = tmp_path / "sweep"
   done = subprocess.run(
       [sys.executable, "-m", "launch.sweep",
-       f"--config.models.target={pair_dirs['target']}",
-       f"--config.models.draft={pair_dirs['draft']}",
+       f"--config.models.target={served_pair_dirs['target']}",
+       f"--config.models.draft={served_pair_dirs['draft']}",
        "--config.tree.max_n_beams=2", "--config.tree.max_beam_len=3",
        "--config.tree.max_branch_width=2", "--config.edge.requests_per_drafter=1",
        "--clients=1,2", "--batch_sizes=2", "--budgets=6", "--rtt_ms=1",
@@ -69,6 +50,9 @@ def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(pair_dirs, tm
     assert entry["same_tokens_as_ar"] in (None, True)
     for path in run["event_files"]:
       assert (out_dir / path).is_file() and path.startswith(run["points"][0] + "/")
+      # Tagged on disk, not only when the sweep reads them: launch/report.py can read the folder.
+      tags = {json.loads(line).get("run_id") for line in (out_dir / path).read_text().splitlines()}
+      assert tags == {entry["run"]}, (path, tags)
   spec = {p: report["runs"][pairs[("specedge", p)]["run"]]["summary"]
           for p in ("c1-b2-t6-rtt1", "c2-b2-t6-rtt1")}
   # Each SpecEdge run is its own (re-tagged) run with its own drafters.
@@ -84,6 +68,14 @@ def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(pair_dirs, tm
   for name in pngs:
     data = (out_dir / name).read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 5000, name
+
+  # Replotting from the logs runs nothing and reproduces every summary and verdict.
+  for name in pngs:
+    (out_dir / name).unlink()
+  result = sweep.replot(str(out_dir))
+  assert json.loads((out_dir / "report.json").read_text()) == report
+  assert {os.path.basename(p) for p in result.written} == set(pngs) | {"report.json"}
+  assert all((out_dir / name).is_file() for name in pngs)
 
 
 def _base(**edge) -> ServingConfig:
@@ -124,6 +116,14 @@ def test_plan_shares_a_baseline_run_only_between_points_it_cannot_tell_apart(tmp
 def test_bad_options_name_what_is_wrong(bad, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     sweep.SweepOptions(out_dir=str(tmp_path), **bad)
+
+
+def test_replot_names_a_folder_that_is_not_a_sweep(tmp_path):
+  with pytest.raises(ValueError, match="not a sweep report"):
+    sweep.replot(str(tmp_path))
+  (tmp_path / "report.json").write_text(json.dumps({"grid": {}}))
+  with pytest.raises(ValueError, match="not a sweep report"):
+    sweep.replot(str(tmp_path))
 
 
 def test_launcher_rejects_a_bad_grid_before_running_anything(tmp_path):

@@ -39,6 +39,8 @@ class LocalOptions:
   verifier_cpus: tuple[int, ...] = ()  # () = no pinning
   drafter_cpus: tuple[int, ...] = ()
   baselines: tuple[str, ...] = ()  # server-only runs after the SpecEdge run
+  # The run_id every SpecEdge event carries (a sweep names each of its runs; see metrics.py).
+  run_id: str = SPECEDGE_RUN
   startup_timeout_s: float = 900.0  # loading + compiling the verifier
   run_timeout_s: float = 3600.0
   # JAX's persistent compilation cache, shared by the children: the drafters compile the same
@@ -140,7 +142,7 @@ def run_local(config: ServingConfig, options: LocalOptions,
     children.start("verifier", processes.python_module_argv(
         "launch.verifier", *_common_flags(config_path, options.verifier_cpus), "--port=0",
         f"--port_file={port_file}", f"--event_log={verifier_events}",
-        f"--run_id={SPECEDGE_RUN}"), logs["verifier"], env=_child_env(options))
+        f"--run_id={options.run_id}"), logs["verifier"], env=_child_env(options))
     with console.status("starting the verifier (loading the target, compiling) ..."):
       port = _wait_for_port(port_file, children, logs, options.startup_timeout_s)
     console.print(f"verifier serving on 127.0.0.1:{port} (log: {logs['verifier']})")
@@ -152,13 +154,13 @@ def run_local(config: ServingConfig, options: LocalOptions,
           "launch.drafter", *_common_flags(config_path, options.drafter_cpus),
           f"--server=127.0.0.1:{port}", f"--client_index={i}",
           f"--event_log={drafter_events[i]}",
-          f"--run_id={SPECEDGE_RUN}"), logs[name], env=_child_env(options))
+          f"--run_id={options.run_id}"), logs[name], env=_child_env(options))
     tails = [_EventTail(path) for path in drafter_events]
     drafters = [f"drafter{i}" for i in range(config.edge.num_drafters)]
     _follow(console, children, logs, drafters, tails, shares, options.run_timeout_s,
             title="SpecEdge")
     children.stop("verifier")
-    event_paths[SPECEDGE_RUN] = [verifier_events, *drafter_events]
+    event_paths[options.run_id] = [verifier_events, *drafter_events]
 
     for kind in options.baselines:
       run_id = SYSTEM_NAMES[kind]
