@@ -3,6 +3,7 @@
   python -m launch.bench_backends                         # random tiny Qwen3 (embedded shape)
   python -m launch.bench_backends --hf_dir=PATH --threads=1 --out_json=bench.json \
       --plot=bench.png
+  python -m launch.bench_backends --threads=1 --repeats=200 --gemm_shapes=32x256x768,512x512x512
 
 What each side computes, and how it is timed: `specedge_jax/backend_bench.py`.
 """
@@ -31,6 +32,9 @@ _THREADS = flags.DEFINE_integer(
     "single-threaded CPU mode.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random checkpoint and inputs.")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "Also write the results here.")
+_GEMM_SHAPES = flags.DEFINE_list(
+    "gemm_shapes", None, "Instead of the model cases, time single fp32 GEMMs MxKxN (XLA dot vs "
+    "torch matmul), e.g. 32x256x768,32x256x4096: the ceiling of a GEMM-bound forward.")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw ms per call and jax's speed-ups (PNG) here.")
 
 
@@ -49,6 +53,24 @@ def main(argv):
   from rich.console import Console
 
   from specedge_jax import backend_bench
+
+  if _GEMM_SHAPES.value:
+    try:
+      shapes = [backend_bench.parse_gemm_shape(text) for text in _GEMM_SHAPES.value]
+    except ValueError as e:
+      raise app.UsageError(f"--gemm_shapes: {e}") from e
+    if _THREADS.value == 1:
+      import torch
+      torch.set_num_threads(1)
+    gemms = backend_bench.time_gemms(shapes, repeats=max(_REPEATS.value, 1), seed=_SEED.value)
+    console = Console(width=160)
+    console.print(backend_bench.gemm_table(gemms))
+    console.print(backend_bench.environment())
+    if _OUT_JSON.value:
+      with open(_OUT_JSON.value, "w") as f:
+        json.dump({"gemms": [dataclasses.asdict(g) for g in gemms],
+                   "environment": backend_bench.environment()}, f, indent=2)
+    return
 
   config = backend_bench.BenchConfig(
       batch_sizes=tuple(int(b) for b in _BATCH_SIZES.value),

@@ -387,6 +387,73 @@ def run_benchmark(hf_dir: str | None, config: BenchConfig,
   return results
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmResult:
+  """One fp32 GEMM [M, K] x [K, N] alone: the ceiling a GEMM-bound forward can reach."""
+
+  shape: tuple[int, int, int]  # (M, K, N)
+  xla_ms: float  # best of the repeats
+  torch_ms: float
+  max_abs_diff: float  # XLA against torch, same inputs
+
+  def gflops(self, ms: float) -> float:
+    m, k, n = self.shape
+    return 2 * m * k * n / (ms * 1e-3) / 1e9
+
+
+def parse_gemm_shape(text: str) -> tuple[int, int, int]:
+  """'32x256x768' -> (32, 256, 768); ValueError naming the text otherwise."""
+  parts = text.lower().split("x")
+  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(f"a GEMM shape is MxKxN with positive integers, got {text!r}")
+  return tuple(int(p) for p in parts)
+
+
+def time_gemms(shapes: Sequence[tuple[int, int, int]], repeats: int = 200,
+               seed: int = 0) -> list[GemmResult]:
+  """Times a jitted XLA dot and a torch matmul per shape, round-robin, best of `repeats`.
+
+  This is the diagnostic behind the verdict in docs/notes/measurement.md: when the forward is
+  GEMM-bound, the ratio of the libraries' GEMM speeds bounds the ratio of the forwards.
+  """
+  import torch
+
+  dot = jax.jit(jnp.matmul)
+  rng = np.random.default_rng(seed)
+  results = []
+  for m, k, n in shapes:
+    a = rng.standard_normal((m, k), np.float32)
+    b = rng.standard_normal((k, n), np.float32)
+    xa, xb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    calls = {"xla": lambda: dot(xa, xb).block_until_ready(), "torch": lambda: ta @ tb}
+    for call in calls.values():  # compile / warm caches
+      call(), call()
+    best = {name: float("inf") for name in calls}
+    for _ in range(repeats):
+      for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    diff = float(np.abs(np.asarray(dot(xa, xb)) - (ta @ tb).numpy()).max())
+    results.append(GemmResult((m, k, n), best["xla"], best["torch"], diff))
+  return results
+
+
+def gemm_table(results: Sequence[GemmResult]):
+  from rich.table import Table
+
+  table = Table(title="One fp32 GEMM alone, best of the repeats (GFLOP/s = 2MKN / time)")
+  for column in ("M x K x N", "XLA ms", "torch ms", "XLA GFLOP/s", "torch GFLOP/s",
+                 "torch / XLA time", "max |diff|"):
+    table.add_column(column, justify="right")
+  for r in results:
+    table.add_row("x".join(map(str, r.shape)), f"{r.xla_ms:.3f}", f"{r.torch_ms:.3f}",
+                  f"{r.gflops(r.xla_ms):.0f}", f"{r.gflops(r.torch_ms):.0f}",
+                  f"{r.xla_ms / r.torch_ms:.2f}", f"{r.max_abs_diff:.1e}")
+  return table
+
+
 def environment() -> dict[str, str]:
   """What the timings depend on: versions, threads, cores."""
   import torch

@@ -68,3 +68,15 @@ def test_table_plot_and_unknown_variant(tiny_dir, tmp_path):
                          str(tmp_path / "plots" / "backends.png"), title="t")
   data = open(path, "rb").read()
   assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_gemm_ceiling_times_both_libraries_on_the_same_product():
+  (result,) = bb.time_gemms([(4, 8, 16)], repeats=3)
+  assert result.shape == (4, 8, 16) and result.xla_ms > 0 and result.torch_ms > 0
+  assert result.max_abs_diff < 1e-4
+  assert result.gflops(1.0) == pytest.approx(2 * 4 * 8 * 16 / 1e-3 / 1e9)
+  assert bb.parse_gemm_shape("32X256x768") == (32, 256, 768)
+  for bad in ("32x256", "32x0x8", "axbxc"):
+    with pytest.raises(ValueError, match="MxKxN"):
+      bb.parse_gemm_shape(bad)
+  bb.gemm_table([result])
