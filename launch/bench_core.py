@@ -10,6 +10,7 @@ target-only tokens/s on the same prompts.
 
 import dataclasses
 import json
+import sys
 
 from absl import app, flags
 
@@ -35,6 +36,8 @@ _BRANCH = flags.DEFINE_integer("max_branch_width", 16, "SpecExec children per no
 _BUDGET = flags.DEFINE_integer("max_budget", 32, "SpecExec tree size (root excluded).")
 _PREFIX_LEN = flags.DEFINE_integer("prefix_len", 128, "Cached prefix for the verify curve.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per verify-curve point.")
+_GEN_REPEATS = flags.DEFINE_integer(
+    "gen_repeats", 2, "Timed generation passes per method (alternating); each keeps its best.")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "Also write all results here.")
 _PLOT = flags.DEFINE_string("plot", None, "Write the verify curve as a PNG here.")
 
@@ -49,7 +52,8 @@ def main(argv):
   from specedge_jax import core_bench, orbax_io, prompts
   from specedge_jax.engine import ProactiveParams, TreeParams
 
-  console = Console()
+  # Piped output (logs, notes) gets tables wide enough not to cut their columns.
+  console = Console(width=None if sys.stdout.isatty() else 160)
   target = orbax_io.load_model(_TARGET.value)
   draft = orbax_io.load_model(_DRAFT.value)
   tokenizer = AutoTokenizer.from_pretrained(_TARGET.value)
@@ -81,7 +85,7 @@ def main(argv):
         c = core_bench.compare_generation(
             target, draft, prompt_ids, batch_size=batch, tree=tree,
             proactive=ProactiveParams(mode=mode), max_new_tokens=_MAX_NEW.value,
-            eos_token_ids=target.config.eos_token_ids)
+            eos_token_ids=target.config.eos_token_ids, repeats=_GEN_REPEATS.value)
       comparisons.append(c)
       table.add_row(str(batch), mode, f"{c.ar_tokens_per_s:.1f}", f"{c.spec_tokens_per_s:.1f}",
                     f"{c.speedup:.2f}x", f"{c.mean_accepted:.2f}",

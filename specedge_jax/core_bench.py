@@ -109,8 +109,16 @@ class GenerationComparison:
 
 def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch_size: int,
                        tree: E.TreeParams, proactive: E.ProactiveParams, max_new_tokens: int,
-                       eos_token_ids: Sequence[int] = ()) -> GenerationComparison:
-  """Target-only vs speculative greedy generation on the same prompts, in one process."""
+                       eos_token_ids: Sequence[int] = (), repeats: int = 2
+                       ) -> GenerationComparison:
+  """Target-only vs speculative greedy generation on the same prompts, in one process.
+
+  `repeats` timed passes alternate the two methods; each keeps its best wall time (interference
+  only adds time: one disturbed single pass moved a target-only figure by 1.7x on this CPU), and
+  every pass's outputs must be identical.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
   max_prompt = max(len(p) for p in prompts)
   max_len = max_prompt + max_new_tokens + tree.max_budget + 8
   target_engine = E.TargetEngine(target, num_slots=batch_size, max_len=max_len,
@@ -131,9 +139,14 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
   listener = lambda name, *_a, **_k: compiles.append(name) if name == _COMPILE_EVENT else None
   jax.monitoring.register_event_duration_secs_listener(listener)
 
-  ar = E.generate(target_engine, prompts, sampling=greedy, max_new_tokens=max_new_tokens)
-  spec = E.generate(target_engine, prompts, draft=draft_engine, sampling=greedy,
-                    max_new_tokens=max_new_tokens)
+  ar_runs, spec_runs = [], []
+  for _ in range(repeats):
+    ar_runs.append(E.generate(target_engine, prompts, sampling=greedy,
+                              max_new_tokens=max_new_tokens))
+    spec_runs.append(E.generate(target_engine, prompts, draft=draft_engine, sampling=greedy,
+                                max_new_tokens=max_new_tokens))
+  ar = min(ar_runs, key=lambda run: run.wall_s)
+  spec = min(spec_runs, key=lambda run: run.wall_s)
   # Host overhead: the same speculative run with every device call blocked on and timed.
   target_engine.clock.enabled = draft_engine.clock.enabled = True
   target_engine.clock.seconds = draft_engine.clock.seconds = 0.0
@@ -149,5 +162,5 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
       spec_tokens=spec.num_tokens, spec_wall_s=spec.wall_s, mean_accepted=spec.mean_accepted,
       proactive_hit_rate=(sum(hits) / len(hits)) if hits else None,
       host_overhead=max(0.0, 1.0 - device_s / clocked.wall_s),
-      identical_outputs=(spec.tokens == ar.tokens == clocked.tokens),
+      identical_outputs=all(run.tokens == ar.tokens for run in (*ar_runs, *spec_runs, clocked)),
       compiles_in_timed_runs=len(compiles))
