@@ -84,29 +84,17 @@ def _forward_nodes(model, tree: tree_lib.Tree, cache: KVCache, beam, beam_live, 
   return tree, cache, top_logp, top_tokens
 
 
-def _expand_step(model, state: GrowState, *, slot, context_len, root_position, budget,
-                 n_beams: int, branch_width: int) -> GrowState:
-  tree = state.tree
+def _merge_children(tree: tree_lib.Tree, child_score, child_parent, child_tokens, budget
+                    ) -> tuple[tree_lib.Tree, jax.Array]:
+  """SpecExec's selection: the global top `budget + 1` (root included) of the tree's nodes and
+  the candidate children (`child_parent` indexes the tree; score -inf = no candidate).
+
+  Children score strictly below their parents, so the kept set is ancestor-closed; top_k
+  returns it score-sorted, which is the tree's topological order. Returns the new tree and
+  whether any candidate was kept.
+  """
   capacity = tree.capacity
-  # 1. Beams: the best valid nodes not yet expanded.
-  candidate_score = jnp.where(tree.valid & ~tree.expanded, tree.score, tree_lib.NEG_INF)
-  beam_score, beam = jax.lax.top_k(candidate_score, n_beams)  # [n_beams]
-  beam_live = beam_score > tree_lib.NEG_INF
-  # 2-3. Forward them; mark them expanded with their next-token candidates.
-  tree, cache, top_logp, top_tokens = _forward_nodes(
-      model, tree, state.cache, beam, beam_live, state.next_row, slot=slot,
-      context_len=context_len, root_position=root_position)
-
-  # 4. Children: the top branch_width tokens of each beam.
-  child_score = (beam_score[:, None] + LEVEL_DECAY + top_logp[:, :branch_width]).reshape(-1)
-  child_score = jnp.where(jnp.repeat(beam_live, branch_width), child_score, tree_lib.NEG_INF)
-  num_children = n_beams * branch_width
-  child_parent = jnp.repeat(beam, branch_width)
-  child_tokens = top_tokens[:, :branch_width].reshape(-1).astype(jnp.int32)
-
-  # 5. Keep the global top `budget + 1` (root included) of tree nodes and children. Children
-  #    score strictly below their parents, so the kept set is ancestor-closed; top_k returns it
-  #    score-sorted, which is the tree's topological order.
+  num_children = child_score.shape[0]
   pool_score = jnp.concatenate([tree.score, child_score])
   kept_score, order = jax.lax.top_k(pool_score, capacity)
   keep = (kept_score > tree_lib.NEG_INF) & (jnp.arange(capacity) < budget + 1)
@@ -145,7 +133,30 @@ def _expand_step(model, state: GrowState, *, slot, context_len, root_position, b
       child_tokens=jnp.where(old_kept[:, None], tree.child_tokens[old_node], 0),
       child_logp=jnp.where(old_kept[:, None], tree.child_logp[old_node], tree_lib.NEG_INF),
   )
-  any_child_kept = jnp.any(keep & is_child)
+  return new_tree, jnp.any(keep & is_child)
+
+
+def _expand_step(model, state: GrowState, *, slot, context_len, root_position, budget,
+                 n_beams: int, branch_width: int) -> GrowState:
+  tree = state.tree
+  # 1. Beams: the best valid nodes not yet expanded.
+  candidate_score = jnp.where(tree.valid & ~tree.expanded, tree.score, tree_lib.NEG_INF)
+  beam_score, beam = jax.lax.top_k(candidate_score, n_beams)  # [n_beams]
+  beam_live = beam_score > tree_lib.NEG_INF
+  # 2-3. Forward them; mark them expanded with their next-token candidates.
+  tree, cache, top_logp, top_tokens = _forward_nodes(
+      model, tree, state.cache, beam, beam_live, state.next_row, slot=slot,
+      context_len=context_len, root_position=root_position)
+
+  # 4. Children: the top branch_width tokens of each beam.
+  child_score = (beam_score[:, None] + LEVEL_DECAY + top_logp[:, :branch_width]).reshape(-1)
+  child_score = jnp.where(jnp.repeat(beam_live, branch_width), child_score, tree_lib.NEG_INF)
+  child_parent = jnp.repeat(beam, branch_width)
+  child_tokens = top_tokens[:, :branch_width].reshape(-1).astype(jnp.int32)
+
+  # 5. Keep the global top `budget + 1` of tree nodes and children.
+  new_tree, any_child_kept = _merge_children(tree, child_score, child_parent, child_tokens,
+                                             budget)
   return GrowState(
       tree=new_tree,
       cache=cache,
@@ -308,3 +319,29 @@ def plan_proactive(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *
   seed = proactive_seed(tree, node)
   path_len = tree.depth[node] + 1
   return cache, tree, seed, (node, end_score, path_len, next_row)
+
+
+@functools.partial(jax.jit, static_argnames=("branch_width",))
+def reroot_for_growth(tree: tree_lib.Tree, new_root: jax.Array, *, budget,
+                      branch_width: int) -> tree_lib.Tree:
+  """The next round's tree after a proactive hit: the subtree under `new_root` (the verified
+  bonus token), re-rooted, with every expanded node's stored next-token candidates re-admitted.
+
+  Why the re-admission: the proactive tree was grown under its own small budget, shared among
+  several bonus guesses, so the nodes of the one guess that hit were expanded but lost most of
+  their children to the budget. `grow` forwards only unexpanded nodes, so without this step it
+  could not give them children again: measured on the embedded pair, a tree that followed a hit
+  had 3 nodes on average (33 when grown fresh) and emitted 1.2 tokens per step (3.4 fresh).
+  The stored candidates (`child_tokens`, `child_logp`) re-enter exactly as a growth step would
+  have scored them, `score + log 0.9 + log p`, under the main tree's `budget` and
+  `branch_width`; no draft forward is needed.
+  """
+  tree = tree_lib.reroot(tree, new_root)
+  usable, candidate_score = _non_child_candidates(tree)
+  capacity = tree.capacity
+  child_score = jnp.where(usable[:, :branch_width], candidate_score[:, :branch_width],
+                          tree_lib.NEG_INF).reshape(-1)
+  child_parent = jnp.repeat(jnp.arange(capacity, dtype=jnp.int32), branch_width)
+  child_tokens = tree.child_tokens[:, :branch_width].reshape(-1)
+  tree, _ = _merge_children(tree, child_score, child_parent, child_tokens, budget)
+  return tree

@@ -549,7 +549,10 @@ class DraftEngine:
                          & (p_tokens == result.bonus))[0]
       hit = guess.size == 1
     if hit:
-      session.tree = self.clock(tree_lib.reroot, proactive.tree, np.int32(guess[0]))
+      session.tree = self.clock(
+          draft_lib.reroot_for_growth, proactive.tree, np.int32(guess[0]),
+          budget=np.int32(self.tree_params.max_budget),
+          branch_width=self.tree_params.max_branch_width)
       session.next_row = proactive.next_row
       session.steps_done = proactive.steps
     else:

@@ -67,6 +67,29 @@ def test_greedy_speculative_equals_target_greedy(pair, greedy_reference, mode, t
   assert target_engine.num_free_slots == 3
 
 
+@pytest.mark.parametrize("mode", ["excluded", "included"])
+def test_a_tree_after_a_proactive_hit_fills_the_main_budget(pair, greedy_reference, mode):
+  """Proactive growth here forwards more beams (8) than its budget keeps (6), so every node of
+  a hit's subtree is expanded and lost children to that budget. The next tree must still grow
+  to the main budget, from the stored candidates, not stop at the subtree (it had 6-10 nodes
+  before the re-admission in `draft.reroot_for_growth`), and stay exact."""
+  target, draft = pair
+  prompts, reference = greedy_reference
+  tree = TREES["budget32"]
+  target_engine = E.TargetEngine(target, num_slots=1, max_len=96, max_tree_nodes=33,
+                                 max_batch_size=1)
+  draft_engine = E.DraftEngine(
+      draft, num_slots=1, max_len=96, tree=tree,
+      proactive=E.ProactiveParams(mode=mode, max_n_beams=8, max_beam_len=3, max_branch_width=4,
+                                  max_budget=6))
+  out = E.generate(target_engine, prompts[:6], draft=draft_engine, max_new_tokens=MAX_NEW)
+  assert out.tokens == reference[:6]
+  after_hit = [step.tree_sizes[0] for previous, step in zip(out.steps, out.steps[1:])
+               if previous.proactive_hits[0]]
+  assert after_hit, "no proactive hit: the test would prove nothing"
+  assert after_hit == [tree.max_budget + 1] * len(after_hit)
+
+
 def test_trained_style_pair_accepts_deep_paths(pair):
   """With an identical draft, SpecExec should accept (nearly) full-depth paths."""
   target, _ = pair

@@ -96,6 +96,48 @@ def test_grown_trees_are_well_formed(draft_model, shape, budget, steps, root, se
   assert int(rerooted.tokens[0]) == int(tree.tokens[new_root])
 
 
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(small_budget=st.integers(2, 6), budget=st.integers(1, CAPACITY - 1),
+       seed=st.integers(0, 1000))
+def test_reroot_for_growth_readmits_the_stored_candidates(draft_model, small_budget, budget,
+                                                          seed):
+  """After a proactive hit: the subtree under the hit node, plus every expanded node's stored
+  next-token candidates that are not its children, cut to the best `budget` (root aside),
+  exactly as a growth step would score them; a well-formed tree either way."""
+  shape = SHAPES[0]
+  branch_width = shape[1]
+  # A proactive-like tree: several steps under a small budget, so expanded nodes lose children.
+  tree, _ = grow_tree(draft_model, shape=shape, budget=small_budget, steps=3, root=2, seed=seed)
+  n = int(np.asarray(tree.valid).sum())
+  rerooted = jax.device_get(tree_lib.reroot(tree, np.int32(seed % n)))
+  out = jax.device_get(draft_lib.reroot_for_growth(tree, np.int32(seed % n),
+                                                   budget=np.int32(budget),
+                                                   branch_width=branch_width))
+  check_tree(out, budget)
+  # Reference in numpy: the pool of subtree nodes and re-admittable candidates.
+  valid = np.asarray(rerooted.valid)
+  parents, tokens = np.asarray(rerooted.parents), np.asarray(rerooted.tokens)
+  score, expanded = np.asarray(rerooted.score), np.asarray(rerooted.expanded)
+  pool = [score[i] for i in range(len(valid)) if valid[i]]
+  for node in np.flatnonzero(valid & expanded):
+    children = {tokens[c] for c in np.flatnonzero(valid & (parents == node))}
+    for k in range(branch_width):
+      logp = float(rerooted.child_logp[node, k])
+      if np.isfinite(logp) and int(rerooted.child_tokens[node, k]) not in children:
+        pool.append(score[node] + draft_lib.LEVEL_DECAY + logp)
+  expected = np.sort(np.asarray(pool, np.float32))[::-1][:budget + 1]
+  kept = int(np.asarray(out.valid).sum())
+  assert kept == len(expected)
+  np.testing.assert_allclose(np.asarray(out.score)[:kept], expected, rtol=1e-6, atol=1e-6)
+  assert int(out.tokens[0]) == int(rerooted.tokens[0])
+  # Re-admitted nodes are new leaves (unexpanded, no draft row); old nodes keep their rows.
+  old_rows = set(np.asarray(rerooted.cache_row)[valid & expanded].tolist())
+  out_expanded = np.asarray(out.expanded)[:kept]
+  assert set(np.asarray(out.cache_row)[:kept][out_expanded].tolist()) <= old_rows
+  assert np.all(np.asarray(out.cache_row)[:kept][~out_expanded] == DROP_ROW)
+
+
 @settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(budget=st.integers(1, CAPACITY - 1), seed=st.integers(0, 1000),
