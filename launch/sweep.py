@@ -3,10 +3,12 @@
   python -m launch.sweep --clients=1,2,4 --batch_sizes=4 --budgets=8 --rtt_ms=14 \
       --num_prompts=8 --max_new_tokens=32 --out_dir=runs/sweep
   python -m launch.sweep --systems=specedge,server_only_ar --config.edge.requests_per_drafter=1
+  python -m launch.sweep --clients=1,2,4 --proactive_modes=disabled,excluded
   python -m launch.sweep --replot=runs/sweep    # plots and report again from the logs, no runs
 
 The base config is `--config` (default configs/embedded.py, overridable field by field); the grid
-flags replace its num_drafters, max_batch_size, tree budget and simulated RTT per point. See
+flags replace its num_drafters, max_batch_size, tree budget, simulated RTT and proactive mode per
+point. See
 specedge_jax/sweep.py for what a grid point means for each system.
 """
 
@@ -26,6 +28,9 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None,
 _BUDGETS = flags.DEFINE_list("budgets", None, "tree.max_budget values; default: the config's.")
 _RTT_MS = flags.DEFINE_list("rtt_ms", None,
                             "edge.simulated_rtt_ms values; default: the config's.")
+_PROACTIVE_MODES = flags.DEFINE_list(
+    "proactive_modes", None, "proactive.mode values for SpecEdge (disabled, excluded, included); "
+    "default: the config's. The baselines never draft proactively.")
 _SYSTEMS = flags.DEFINE_list("systems", list(sweep.SYSTEMS), "Systems to run at every point.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", None,
                                     "Requests per run; default: workload.num_requests.")
@@ -69,6 +74,7 @@ def main(argv):
         batch_sizes=_numbers(_BATCH_SIZES, int, base.server.max_batch_size),
         budgets=_numbers(_BUDGETS, int, base.tree.max_budget),
         rtt_ms=_numbers(_RTT_MS, float, base.edge.simulated_rtt_ms),
+        proactive_modes=tuple(_PROACTIVE_MODES.value or [base.proactive.mode]),
         systems=tuple(_SYSTEMS.value), num_prompts=_NUM_PROMPTS.value,
         max_new_tokens=_MAX_NEW_TOKENS.value,
         verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),

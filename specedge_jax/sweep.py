@@ -1,4 +1,5 @@
-"""The grid runner: SpecEdge and the server-only baselines over clients x batch x budget x RTT.
+"""The grid runner: SpecEdge and the server-only baselines over clients x batch x budget x RTT
+x proactive mode.
 
 One invocation runs every system of `SweepOptions.systems` at every grid point on the same
 prompts, and writes a results folder:
@@ -15,14 +16,15 @@ What a grid point means for each system:
 
   specedge          `clients` drafter processes, each interleaving `edge.requests_per_drafter`
                     requests (K), against one verifier with `server.max_batch_size = batch`,
-                    `tree.max_budget = budget` and `edge.simulated_rtt_ms = rtt` (via
-                    `serving.local.run_local`).
+                    `tree.max_budget = budget`, `edge.simulated_rtt_ms = rtt` and
+                    `proactive.mode = proactive` (via `serving.local.run_local`).
   server_only_ar    the target alone with `clients x K` users in flight, that is
   server_only_spec  `server.max_batch_size = min(batch, clients x K)` (`launch/server_only.py`);
                     the speculative baseline drafts with `budget` on the server. Neither has a
-                    network, so RTT does not change them, nor does the budget change the
-                    autoregressive one: a baseline run is made once and shared by every grid
-                    point that resolves to the same baseline config.
+                    network, so RTT does not change them, nor does proactive drafting (which
+                    fills network waits; the server-only SpecExec never uses it), nor does the
+                    budget change the autoregressive one: a baseline run is made once and shared
+                    by every grid point that resolves to the same baseline config.
 
 Every run gets its own `run_id` (`<system>/<point>`) so the report never mixes runs; the children
 write it into every event, so `launch/report.py` can read a results folder's logs directly (the
@@ -47,6 +49,7 @@ from rich.table import Table
 
 from specedge_jax import events as events_lib
 from specedge_jax import metrics, plots
+from specedge_jax.engine import PROACTIVE_MODES
 from specedge_jax.serving import local, processes
 from specedge_jax.serving.baselines import SYSTEM_NAMES
 from specedge_jax.serving.config import ServingConfig
@@ -63,10 +66,12 @@ class GridPoint:
   batch_size: int  # server.max_batch_size
   budget: int  # tree.max_budget
   rtt_ms: float  # edge.simulated_rtt_ms
+  proactive: str = "disabled"  # proactive.mode
 
   @property
   def name(self) -> str:
-    return f"c{self.clients}-b{self.batch_size}-t{self.budget}-rtt{self.rtt_ms:g}"
+    name = f"c{self.clients}-b{self.batch_size}-t{self.budget}-rtt{self.rtt_ms:g}"
+    return name if self.proactive == "disabled" else f"{name}-p{self.proactive}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,7 @@ class SweepOptions:
   batch_sizes: tuple[int, ...] = (4,)
   budgets: tuple[int, ...] = (8,)
   rtt_ms: tuple[float, ...] = (14.0,)
+  proactive_modes: tuple[str, ...] = ("disabled",)
   systems: tuple[str, ...] = SYSTEMS
   num_prompts: int | None = None  # None: the config's workload.num_requests
   max_new_tokens: int | None = None  # None: the config's
@@ -95,6 +101,12 @@ class SweepOptions:
       raise ValueError(f"--rtt_ms must be a non-empty list of values >= 0, got {self.rtt_ms}")
     if len(set(self.rtt_ms)) != len(self.rtt_ms):
       raise ValueError(f"--rtt_ms lists a value twice: {self.rtt_ms}")
+    bad_modes = [m for m in self.proactive_modes if m not in PROACTIVE_MODES]
+    if bad_modes or not self.proactive_modes:
+      raise ValueError(f"--proactive_modes must be some of {list(PROACTIVE_MODES)}, got "
+                       f"{list(self.proactive_modes)}")
+    if len(set(self.proactive_modes)) != len(self.proactive_modes):
+      raise ValueError(f"--proactive_modes lists a value twice: {self.proactive_modes}")
     unknown = [s for s in self.systems if s not in SYSTEMS]
     if unknown or not self.systems:
       raise ValueError(f"unknown --systems {unknown or '(none)'}; known: {list(SYSTEMS)}")
@@ -104,8 +116,9 @@ class SweepOptions:
       raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
   def grid(self) -> list[GridPoint]:
-    return [GridPoint(int(c), int(b), int(t), float(r)) for c, b, t, r in
-            itertools.product(self.clients, self.batch_sizes, self.budgets, self.rtt_ms)]
+    return [GridPoint(int(c), int(b), int(t), float(r), p) for c, b, t, r, p in
+            itertools.product(self.clients, self.batch_sizes, self.budgets, self.rtt_ms,
+                              self.proactive_modes)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +150,7 @@ def point_config(base: ServingConfig, point: GridPoint, options: SweepOptions) -
   if options.max_new_tokens is not None:
     workload["max_new_tokens"] = options.max_new_tokens
   return _replace(
-      base, tree={"max_budget": point.budget},
+      base, tree={"max_budget": point.budget}, proactive={"mode": point.proactive},
       server={"max_batch_size": point.batch_size, "num_slots": max(base.server.num_slots, users)},
       edge={"num_drafters": point.clients, "simulated_rtt_ms": point.rtt_ms},
       workload=workload)
@@ -154,7 +167,8 @@ def baseline_config(specedge_config: ServingConfig) -> ServingConfig:
   return _replace(specedge_config,
                   server={"max_batch_size": min(specedge_config.server.max_batch_size, users)},
                   edge={"num_drafters": 1, "requests_per_drafter": 1,
-                        "simulated_rtt_ms": 0.0})
+                        "simulated_rtt_ms": 0.0},
+                  proactive={"mode": "disabled"})
 
 
 def plan_runs(base: ServingConfig, options: SweepOptions) -> list[PlannedRun]:
@@ -348,6 +362,8 @@ def replot(out_dir: str, console: Console | None = None) -> SweepResult:
     options = SweepOptions(out_dir=out_dir, clients=tuple(grid["clients"]),
                            batch_sizes=tuple(grid["batch_sizes"]), budgets=tuple(grid["budgets"]),
                            rtt_ms=tuple(float(r) for r in grid["rtt_ms"]),
+                           # Reports written before proactive became a grid dimension.
+                           proactive_modes=tuple(grid.get("proactive_modes", ("disabled",))),
                            systems=tuple(grid["systems"]))
     run_paths = {name: [os.path.join(out_dir, p) for p in run["event_files"]]
                  for name, run in report["runs"].items()}
@@ -374,6 +390,7 @@ def write_report(options: SweepOptions, planned: Sequence[PlannedRun],
   report = {
       "grid": {"clients": list(options.clients), "batch_sizes": list(options.batch_sizes),
                "budgets": list(options.budgets), "rtt_ms": list(options.rtt_ms),
+               "proactive_modes": list(options.proactive_modes),
                "systems": list(options.systems)},
       # (system, point) -> the run serving it; baselines are shared across points (see module).
       "points": [{"system": r.system, **dataclasses.asdict(r.point), "point": r.point.name,
@@ -401,6 +418,8 @@ def _line_label(row: SweepRow, options: SweepOptions) -> str:
     parts.append(f"t{row.point.budget}")
   if len(options.rtt_ms) > 1 and row.system == SPECEDGE:
     parts.append(f"rtt{row.point.rtt_ms:g}")
+  if len(options.proactive_modes) > 1 and row.system == SPECEDGE:
+    parts.append(f"proactive {row.point.proactive}")
   return " ".join(parts)
 
 
@@ -437,18 +456,19 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 def sweep_table(rows: Sequence[SweepRow]) -> Table:
   """One row per (system, grid point)."""
   table = Table(title="Sweep")
-  for column in ("system", "clients", "batch", "budget", "RTT ms", "tokens", "wall s",
-                 "tok/s wall", "tok/s server", "ITL mean ms", "ITL p50 / p99 ms",
-                 "TTFT mean ms", "tok/step", "server util %", "= AR tokens"):
+  for column in ("system", "clients", "batch", "budget", "RTT ms", "proactive", "tokens",
+                 "wall s", "tok/s wall", "tok/s server", "ITL mean ms", "ITL p50 / p99 ms",
+                 "TTFT mean ms", "tok/step", "hit %", "server util %", "= AR tokens"):
     table.add_column(column, justify="left" if column == "system" else "right")
   for row in rows:
     s, m = row.summary, row.summary.requests
     table.add_row(
         row.system, str(row.point.clients), str(row.point.batch_size), str(row.point.budget),
-        f"{row.point.rtt_ms:g}", str(s.generated_tokens), _fmt(s.wall_time_s, digits=2),
+        f"{row.point.rtt_ms:g}", row.point.proactive if row.system == SPECEDGE else "-",
+        str(s.generated_tokens), _fmt(s.wall_time_s, digits=2),
         _fmt(s.throughput_per_wall_s), _fmt(s.throughput_per_compute_s),
         _fmt(m.itl.mean_s, 1e3, 2), f"{_fmt(m.itl.p50_s, 1e3, 2)} / {_fmt(m.itl.p99_s, 1e3, 2)}",
         _fmt(m.ttft.mean_s, 1e3), _fmt(m.mean_tokens_per_step, digits=2),
-        _fmt(s.server_utilization, 100),
+        _fmt(m.proactive_hit_rate, 100), _fmt(s.server_utilization, 100),
         "-" if row.same_tokens_as_ar is None else ("yes" if row.same_tokens_as_ar else "NO"))
   return table

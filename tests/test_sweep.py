@@ -108,10 +108,31 @@ def test_plan_shares_a_baseline_run_only_between_points_it_cannot_tell_apart(tmp
   assert spec.server.num_slots >= 2
 
 
+def test_proactive_modes_split_specedge_runs_only(tmp_path):
+  options = sweep.SweepOptions(out_dir=str(tmp_path), clients=(1, 2), batch_sizes=(4,),
+                               budgets=(8,), rtt_ms=(14.0,),
+                               proactive_modes=("disabled", "excluded"))
+  runs = sweep.plan_runs(_base(), options)
+  spec = [r for r in runs if r.system == "specedge"]
+  assert sorted(r.config.proactive.mode for r in spec) == ["disabled", "disabled", "excluded",
+                                                           "excluded"]
+  # Names of the default mode stay as before; the others say their mode.
+  assert {r.name for r in spec} == {"specedge/c1-b4-t8-rtt14", "specedge/c2-b4-t8-rtt14",
+                                    "specedge/c1-b4-t8-rtt14-pexcluded",
+                                    "specedge/c2-b4-t8-rtt14-pexcluded"}
+  # A baseline never drafts proactively, so both modes share its runs: one per client count.
+  for system in ("server_only_ar", "server_only_spec"):
+    baseline = [r for r in runs if r.system == system]
+    assert len(baseline) == 2
+    assert all(r.config.proactive.mode == "disabled" and len(r.points) == 2 for r in baseline)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(clients=(0, 1)), "clients"), (dict(clients=(2, 2)), "twice"),
     (dict(batch_sizes=()), "batch_sizes"), (dict(rtt_ms=(-1.0,)), "rtt_ms"),
     (dict(systems=("specedge", "vllm")), "vllm"), (dict(num_prompts=0), "num_prompts"),
+    (dict(proactive_modes=("sometimes",)), "proactive_modes"),
+    (dict(proactive_modes=("excluded", "excluded")), "twice"),
 ])
 def test_bad_options_name_what_is_wrong(bad, match, tmp_path):
   with pytest.raises(ValueError, match=match):

@@ -9,6 +9,7 @@ logic itself is in verifier.py, drafter.py and baselines.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -222,8 +223,13 @@ def run_server_only(config: ServingConfig, kind: str, *, events_path: str | None
   """The server-only baseline on the config's workload (all of it, on this process)."""
   requests = workload.load_requests(config)
   target = build_target_engine(config)
-  draft = build_draft_engine(config, num_slots=config.server.max_batch_size) \
-      if kind == "speculative" else None
+  draft = None
+  if kind == "speculative":
+    # The reference's server-only SpecExec drafts without proactive trees: a server has no
+    # network wait to fill, so they would only add server time to the baseline.
+    no_proactive = dataclasses.replace(
+        config, proactive=dataclasses.replace(config.proactive, mode="disabled"))
+    draft = build_draft_engine(no_proactive, num_slots=config.server.max_batch_size)
   log = event_log(events_path, baselines.SYSTEM_NAMES[kind])
   try:
     return baselines.run_baseline(
