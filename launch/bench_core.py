@@ -77,7 +77,8 @@ def main(argv):
   table = Table(title=f"greedy generation, {len(prompt_ids)} prompts x {_MAX_NEW.value} tokens, "
                 f"tree {dataclasses.astuple(tree)}")
   for column in ("B", "proactive", "target-only tok/s", "speculative tok/s", "speedup",
-                 "accepted/step", "hit rate", "host overhead", "identical", "compiles"):
+                 "accepted/step", "hit rate", "after a hit: steps, tree, tok/step",
+                 "fresh: tree, tok/step", "host overhead", "identical", "compiles"):
     table.add_column(column, justify="right")
   for batch in (int(b) for b in _GEN_BATCH_SIZES.value):
     for mode in _PROACTIVE.value:
@@ -90,6 +91,9 @@ def main(argv):
       table.add_row(str(batch), mode, f"{c.ar_tokens_per_s:.1f}", f"{c.spec_tokens_per_s:.1f}",
                     f"{c.speedup:.2f}x", f"{c.mean_accepted:.2f}",
                     "-" if c.proactive_hit_rate is None else f"{c.proactive_hit_rate:.0%}",
+                    "-" if not c.after_hit[0] else
+                    f"{c.after_hit[0]}, {c.after_hit[1]:.1f}, {c.after_hit[2]:.2f}",
+                    "-" if not c.fresh[0] else f"{c.fresh[1]:.1f}, {c.fresh[2]:.2f}",
                     f"{c.host_overhead:.1%}", "yes" if c.identical_outputs else "NO",
                     str(c.compiles_in_timed_runs))
   console.print(table)

@@ -91,6 +91,10 @@ class GenerationComparison:
   mean_accepted: float
   proactive_hit_rate: float | None
   host_overhead: float  # share of a speculative step's wall time spent outside device calls
+  # (steps, mean tree size, mean tokens per step) of trees that followed a proactive hit, and of
+  # freshly grown ones (`GenerationOutput.split_by_proactive_hit`).
+  after_hit: tuple[int, float | None, float | None]
+  fresh: tuple[int, float | None, float | None]
   identical_outputs: bool
   compiles_in_timed_runs: int  # must be 0: a timed run that compiles measures the compiler
 
@@ -156,11 +160,13 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
   target_engine.clock.enabled = draft_engine.clock.enabled = False
   jax.monitoring.unregister_event_duration_listener(listener)
   hits = [h for s in spec.steps for h in s.proactive_hits if h is not None]
+  split = spec.split_by_proactive_hit()
   return GenerationComparison(
       batch_size=batch_size, tree=tree, proactive_mode=proactive.mode,
       num_prompts=len(prompts), ar_tokens=ar.num_tokens, ar_wall_s=ar.wall_s,
       spec_tokens=spec.num_tokens, spec_wall_s=spec.wall_s, mean_accepted=spec.mean_accepted,
       proactive_hit_rate=(sum(hits) / len(hits)) if hits else None,
       host_overhead=max(0.0, 1.0 - device_s / clocked.wall_s),
+      after_hit=split["after_hit"], fresh=split["fresh"],
       identical_outputs=all(run.tokens == ar.tokens for run in (*ar_runs, *spec_runs, clocked)),
       compiles_in_timed_runs=len(compiles))

@@ -571,6 +571,7 @@ class DraftEngine:
 @dataclasses.dataclass
 class StepStats:
   active: int  # requests in the step
+  requests: list[int]  # their indices in the prompt list; the lists below follow this order
   emitted: list[int]  # tokens emitted per request
   tree_sizes: list[int]
   draft_s: float
@@ -593,6 +594,23 @@ class GenerationOutput:
   @property
   def num_tokens(self) -> int:
     return sum(len(t) for t in self.tokens)
+
+  def split_by_proactive_hit(self) -> dict[str, tuple[int, float | None, float | None]]:
+    """Steps whose tree followed a proactive hit of the same request, and the others:
+    {'after_hit' | 'fresh': (steps, mean tree size, mean tokens emitted)}; (0, None, None) when
+    a group is empty. Shows whether a hit's re-rooted tree is as good as a freshly grown one."""
+    groups = {"after_hit": ([], []), "fresh": ([], [])}
+    last_hit: dict[int, bool] = {}
+    for step in self.steps:
+      for request, size, emitted, hit in zip(step.requests, step.tree_sizes, step.emitted,
+                                             step.proactive_hits):
+        sizes, tokens = groups["after_hit" if last_hit.get(request) else "fresh"]
+        sizes.append(size)
+        tokens.append(emitted)
+        last_hit[request] = bool(hit)
+    return {name: (len(sizes), float(np.mean(sizes)) if sizes else None,
+                   float(np.mean(tokens)) if tokens else None)
+            for name, (sizes, tokens) in groups.items()}
 
 
 def generate(target: TargetEngine, prompts: Sequence[Sequence[int]], *,
@@ -635,7 +653,8 @@ def generate(target: TargetEngine, prompts: Sequence[Sequence[int]], *,
         results = target.decode([target_slot[i] for i in active])
         hits, sizes = [None] * len(active), [1] * len(active)
       t2 = time.perf_counter()
-      stats.append(StepStats(active=len(active), emitted=[len(r.emitted) for r in results],
+      stats.append(StepStats(active=len(active), requests=list(active),
+                             emitted=[len(r.emitted) for r in results],
                              tree_sizes=sizes, draft_s=t1 - t0, verify_s=t2 - t1,
                              proactive_hits=hits))
       for i, result in zip(active, results):
