@@ -25,8 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
       # ~35 ms for this one, for about the same tokens per step (3.1 vs 3.3); see
       # docs/notes/serving.md. The 14B/32B configs keep the reference's tree.
       "tree": {"max_n_beams": 4, "max_beam_len": 4, "max_branch_width": 2, "max_budget": 8},
-      # Off by default here: on this 2-core CPU the proactive guess hit 2-5 % of rounds and the
-      # extra drafting raised ITL by 20-90 % (docs/notes/serving.md). Turn it on with
+      # Off by default here: on this 2-core CPU, with every drafter on one core, it hits 13-15 %
+      # of rounds and helps only with one client (+6-10 % wall throughput, within noise); with
+      # four clients it costs 17-22 % (docs/notes/sweep.md). Turn it on with
       # --config.proactive.mode=excluded.
       "proactive": {"mode": "disabled", "max_n_beams": 4, "max_beam_len": 2,
                     "max_branch_width": 2, "max_budget": 4},
