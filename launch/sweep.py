@@ -8,8 +8,7 @@
 
 The base config is `--config` (default configs/embedded.py, overridable field by field); the grid
 flags replace its num_drafters, max_batch_size, tree budget, simulated RTT and proactive mode per
-point. See
-specedge_jax/sweep.py for what a grid point means for each system.
+point. See specedge_jax/sweep.py for what a grid point means for each system.
 """
 
 import os

@@ -131,7 +131,7 @@ def _bucket(n: int, limit: int) -> int:
 
 
 def prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start: int,
-             chunk_sizes: tuple[int, ...], clock: DeviceClock | None = None):
+            chunk_sizes: tuple[int, ...], clock: DeviceClock | None = None):
   """Writes `token_ids` at rows start.. of `slot` in fixed-size chunks; returns last logits."""
   token_ids = np.asarray(token_ids, np.int32)
   position = start
@@ -213,7 +213,7 @@ class TargetEngine:
     return self._open_slot(
         prompt, sampling, seed, max_new_tokens,
         fill=lambda cache, slot: prefill(self.graphdef, self.state, cache, slot, prompt, 0,
-                                          self.chunk_sizes, self.clock))
+                                         self.chunk_sizes, self.clock))
 
   def _checked_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int) -> np.ndarray:
     """The prompt as int64 ids; ValueError naming what is wrong with it or with the budget."""
@@ -440,7 +440,7 @@ class DraftEngine:
                        f"({self.max_len} rows)")
     slot = self._free.pop(0)
     self.cache, _ = prefill(self.graphdef, self.state, self.cache, slot, prompt_ids, 0,
-                             self.chunk_sizes, self.clock)
+                            self.chunk_sizes, self.clock)
     self._sessions[slot] = _DraftSession(committed_len=len(prompt_ids), round=0,
                                          tree=self._root_tree(first_token),
                                          next_row=self._region_start(0), steps_done=0)
@@ -534,8 +534,8 @@ class DraftEngine:
                             np.array([num_expanded], np.int32))
     if num_expanded < len(path):
       self.cache, _ = prefill(self.graphdef, self.state, self.cache, slot,
-                               [int(tokens[path[-1]])], session.committed_len + num_expanded,
-                               self.chunk_sizes, self.clock)
+                              [int(tokens[path[-1]])], session.committed_len + num_expanded,
+                              self.chunk_sizes, self.clock)
     session.committed_len += len(path)
     session.round += 1
     self.accepted_depth_ema += 0.1 * (len(result.accepted) - self.accepted_depth_ema)

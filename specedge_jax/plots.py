@@ -80,15 +80,15 @@ def plot_itl_vs_clients(summaries: Sequence[RunSummary], path: str) -> str:
 def plot_itl_cdf(runs: Sequence[Run], path: str) -> str:
   """Empirical CDF of the token-weighted ITL samples: a panel per system, a line per run, on a
   log time axis (ITL spans milliseconds to the occasional prefill-sized stall)."""
-  by_system: dict[str, list[Run]] = collections.defaultdict(list)
+  by_system: dict[str, list[tuple[Run, np.ndarray]]] = collections.defaultdict(list)
   for run in runs:
-    if run.itl_samples().size:
-      by_system[run.system].append(run)
+    samples = np.sort(run.itl_samples())
+    if samples.size:
+      by_system[run.system].append((run, samples))
   panels = max(len(by_system), 1)
   fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 4), sharey=True, squeeze=False)
   for ax, (system, system_runs) in zip(axes[0], by_system.items()):
-    for run in system_runs:
-      samples = np.sort(run.itl_samples())
+    for run, samples in system_runs:
       # A run's name repeats its system (`system/point` in a sweep): label with the rest.
       label = run.name.removeprefix(f"{system}/") or run.name
       ax.step(samples * 1e3, np.arange(1, samples.size + 1) / samples.size, where="post",

@@ -40,7 +40,7 @@ def grow_tree(draft_model, *, shape, budget, steps, root, seed):
   cache = kv.KVCache.init(config, 1, ROWS)
   rng = np.random.default_rng(seed)
   cache, _ = E.prefill(graphdef, state, cache, 0, list(rng.integers(0, VOCAB, CONTEXT)), 0,
-                        (8,))
+                       (8,))
   tree = tree_lib.root_only(np.int32(root), capacity=CAPACITY, num_child_candidates=branch_width + 1)
   cache, tree, next_row, steps_run = draft_lib.grow(
       graphdef, state, cache, tree, slot=np.int32(0), context_len=np.int32(CONTEXT),
