@@ -25,7 +25,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per variant and case
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after the compiling first call.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["jax", "torch-eager-dynamic", "torch-eager-static", "torch-compile"],
-    "Which implementations to time.")
+    "Which implementations to time; also 'jax-unstacked' (our model with per-layer weight "
+    "arrays instead of the stacked layer scan, a diagnostic).")
 _THREADS = flags.DEFINE_integer(
     "threads", 0, "Compute threads for both sides; 0 keeps each library's default (all cores). "
     "1 pins the process to one core, sets torch.set_num_threads(1) and XLA's "

@@ -53,8 +53,10 @@ from flax import nnx
 
 from specedge_jax import checkpoint
 from specedge_jax import kv_cache as kv
+from specedge_jax import model as model_lib
 
-VARIANTS = ("jax", "torch-eager-dynamic", "torch-eager-static", "torch-compile")
+DEFAULT_VARIANTS = ("jax", "torch-eager-dynamic", "torch-eager-static", "torch-compile")
+VARIANTS = (*DEFAULT_VARIANTS, "jax-unstacked")  # the last: a diagnostic of our layer scan
 LOGIT_ATOL = 1e-4
 
 
@@ -160,20 +162,26 @@ def make_inputs(case: Case, prefix_len: int, vocab_size: int, seed: int) -> Case
 
 
 class JaxRunner:
-  """Our Flax model under `jax.jit`, with a donated stacked cache."""
+  """Our Flax model under `jax.jit`, with a donated stacked cache.
 
-  name = "jax"
+  `unstacked=True` ('jax-unstacked', a diagnostic): the layers' weights as separate arrays,
+  looped in Python inside jit (`layer_states`), instead of the stacked weights in a `lax.scan`
+  that the engines use; its "x" column is its time over the stacked one's.
+  """
 
-  def __init__(self, hf_dir: str):
+  def __init__(self, hf_dir: str, unstacked: bool = False):
     model = checkpoint.load_hf_model(hf_dir)
     self.config = model.config
+    self.name = "jax-unstacked" if unstacked else "jax"
     # Split outside jit, merge inside: the parameters are a traced argument, not constants
     # baked into the program (smaller HLO, faster compiles, one program for any weights).
     self._graphdef, self._state = nnx.split(model)
+    self._layer_states = model_lib.unstack_layers(model) if unstacked else None
 
-    def forward(state, tokens, positions, mask, cache, slots, write_rows):
+    def forward(state, layer_states, tokens, positions, mask, cache, slots, write_rows):
       module = nnx.merge(self._graphdef, state)
-      return module(tokens, positions, mask, cache, slots, write_rows)
+      return module(tokens, positions, mask, cache, slots, write_rows,
+                    layer_states=layer_states)
 
     self._forward = jax.jit(forward, donate_argnames=("cache",))
     self.compile_s: float | None = None
@@ -187,8 +195,8 @@ class JaxRunner:
     prefill_mask = jnp.broadcast_to(
         jnp.arange(cache_len)[None, None, :] <= jnp.arange(prefix_len)[None, :, None],
         (batch, prefix_len, cache_len))
-    _, self._cache = self._forward(self._state, jnp.asarray(inputs.prefix), rows, prefill_mask,
-                                   cache, slots, rows)
+    _, self._cache = self._forward(self._state, self._layer_states, jnp.asarray(inputs.prefix),
+                                   rows, prefill_mask, cache, slots, rows)
     self._args = (jnp.asarray(inputs.tokens), jnp.asarray(prefix_len + inputs.depth),
                   jnp.asarray(inputs.visible()))
     self._slots = slots
@@ -200,8 +208,8 @@ class JaxRunner:
 
   def call(self):
     tokens, positions, mask = self._args
-    logits, self._cache = self._forward(self._state, tokens, positions, mask, self._cache,
-                                        self._slots, self._write_rows)
+    logits, self._cache = self._forward(self._state, self._layer_states, tokens, positions, mask,
+                                        self._cache, self._slots, self._write_rows)
     return logits.block_until_ready()
 
 
@@ -282,7 +290,7 @@ class BenchConfig:
   prefix_len: int = 128
   repeats: int = 20
   warmup: int = 2
-  variants: tuple[str, ...] = VARIANTS
+  variants: tuple[str, ...] = DEFAULT_VARIANTS
   torch_threads: int | None = None
   seed: int = 0
 
@@ -365,8 +373,10 @@ def make_runners(hf_dir: str, variants: Sequence[str], torch_threads: int | None
     raise ValueError(f"unknown variants {sorted(unknown)}; expected some of {VARIANTS}")
   runners = []
   for variant in variants:
-    runners.append(JaxRunner(hf_dir) if variant == "jax"
-                   else TorchRunner(hf_dir, variant, torch_threads))
+    if variant.startswith("jax"):
+      runners.append(JaxRunner(hf_dir, unstacked=variant == "jax-unstacked"))
+    else:
+      runners.append(TorchRunner(hf_dir, variant, torch_threads))
   return runners
 
 
@@ -474,7 +484,7 @@ def results_table(results: Sequence[CaseResult], variants: Sequence[str],
   from rich.table import Table
 
   table = Table(title=f"Tree-verification forward and decode step: {statistic} ms per call "
-                      "(x: torch time / jax time, > 1 means jax is faster)")
+                      "(x: that variant's time / jax time, > 1 means jax is faster)")
   table.add_column("case")
   for variant in variants:
     table.add_column(f"{variant} ms", justify="right")

@@ -170,12 +170,19 @@ class Transformer(nnx.Module):
       slots: jax.Array | None = None,  # [B] int32, the cache slot of each lane
       write_rows: jax.Array | None = None,  # [B, T] int32, cache row of each token; DROP_ROW skips
       logits_at: jax.Array | None = None,  # [B, P] int32: compute logits only at these tokens
+      layer_states: list[nnx.State] | None = None,  # per-layer weights, see `unstack_layers`
   ) -> tuple[jax.Array, kv.KVCache | None]:
     """Runs the decoder.
 
     With a cache, each token's key/value is written to row `write_rows[b, t]` of slot `slots[b]`
     before attention, and token t of lane b attends to the cache rows where
     `attention_mask[b, t]` is true. Without a cache, the mask is over the T tokens themselves.
+
+    By default the stacked layers run in a `lax.scan`. With `layer_states` (one state per layer,
+    from `unstack_layers`, made outside jit) they run in a Python loop over separate arrays
+    instead: XLA:CPU copies each layer's weight slice out of the stacked arrays inside the scan,
+    which costs a third of a small decode step on CPU, while the loop's program grows with depth
+    (docs/notes/measurement.md). The result is the same either way, up to float rounding.
 
     Returns:
       logits [B, T, V] (or [B, P, V] with `logits_at`), float32; and the updated cache (None
@@ -200,8 +207,16 @@ class Transformer(nnx.Module):
                                write_rows)
       return (h, ck, cv, layer + 1), None
 
-    (x, cache_k, cache_v, _), _ = jax.lax.scan(
-        body, (x, cache_k, cache_v, jnp.int32(0)), layer_state)
+    if layer_states is None:
+      (x, cache_k, cache_v, _), _ = jax.lax.scan(
+          body, (x, cache_k, cache_v, jnp.int32(0)), layer_state)
+    else:
+      if len(layer_states) != self.config.num_layers:
+        raise ValueError(f"{len(layer_states)} layer states for {self.config.num_layers} layers")
+      carry = (x, cache_k, cache_v, jnp.int32(0))
+      for layer_params in layer_states:
+        carry, _ = body(carry, layer_params)
+      x, cache_k, cache_v, _ = carry
 
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
@@ -235,6 +250,14 @@ class StaticGraph:
   def __eq__(self, other):
     return isinstance(other, StaticGraph) and (self.graphdef is other.graphdef
                                                or self.graphdef == other.graphdef)
+
+
+def unstack_layers(model: "Transformer") -> list[nnx.State]:
+  """Each layer's parameters as arrays of their own (copies, made once, outside jit): the
+  `layer_states` argument of `Transformer.__call__`."""
+  _, stacked = nnx.split(model.layers)
+  return [jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+          for i in range(model.config.num_layers)]
 
 
 def split_model(model: "Transformer") -> tuple[StaticGraph, nnx.State]:

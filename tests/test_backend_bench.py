@@ -31,7 +31,8 @@ def test_random_tree_is_a_tree():
 def test_variants_agree_and_match_path_forward(tiny_dir, kind, batch, tree_size):
   config = bb.BenchConfig(prefix_len=5, repeats=2, warmup=1)
   case = bb.Case(kind, batch, tree_size)
-  runners = bb.make_runners(tiny_dir, ("jax", "torch-eager-dynamic", "torch-eager-static"))
+  runners = bb.make_runners(tiny_dir, ("jax", "torch-eager-dynamic", "torch-eager-static",
+                                       "jax-unstacked"))
   result = bb.run_case(case, runners, config, vocab_size=97)
   for name, variant in result.results.items():
     assert variant.error is None, (name, variant.error)

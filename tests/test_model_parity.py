@@ -98,3 +98,31 @@ def test_tree_masked_forward_matches_sequential_paths(hf_checkpoint_dir, family)
       path.append(parents[path[-1]])
     sequence = np.concatenate([prefix, tree_tokens[path[::-1]]])
     np.testing.assert_allclose(np.asarray(logits[0, i]), hf_logits(hf, sequence)[-1], atol=ATOL)
+
+
+def test_unstacked_layers_give_the_same_logits_and_cache():
+  """`layer_states` (per-layer weight arrays, looped in Python) computes what the stacked layer
+  scan does: the same logits and cache rows, up to float32 rounding (the scan's body is compiled,
+  the loop here runs op by op)."""
+  import jax
+  from flax import nnx
+
+  from specedge_jax import config as config_lib
+  from specedge_jax import model as model_lib
+
+  model = model_lib.Transformer(config_lib.tiny_config("qwen3", num_layers=3),
+                                rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 5)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+  mask = causal_mask(jnp.array([5, 3]), 5)
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 3)))  # 8 cache rows, 5 written
+  slots = jnp.array([1, 0], jnp.int32)
+  forward = lambda states: model(tokens, positions, mask, kv.KVCache.init(model.config, 2, 8),
+                                 slots, positions, layer_states=states)
+  stacked_logits, stacked_cache = forward(None)
+  loop_logits, loop_cache = forward(model_lib.unstack_layers(model))
+  np.testing.assert_allclose(np.asarray(loop_logits), np.asarray(stacked_logits), atol=1e-6)
+  for a, b in zip(jax.tree.leaves(loop_cache), jax.tree.leaves(stacked_cache)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  with pytest.raises(ValueError, match="2 layer states for 3 layers"):
+    forward(model_lib.unstack_layers(model)[:2])
