@@ -66,11 +66,12 @@ def main(argv):
     gemms = backend_bench.time_gemms(shapes, repeats=max(_REPEATS.value, 1), seed=_SEED.value)
     console = Console(width=160)
     console.print(backend_bench.gemm_table(gemms))
-    console.print(backend_bench.environment())
+    environment = backend_bench.environment()  # one reading for the screen and the file
+    console.print(environment)
     if _OUT_JSON.value:
       with open(_OUT_JSON.value, "w") as f:
         json.dump({"gemms": [dataclasses.asdict(g) for g in gemms],
-                   "environment": backend_bench.environment()}, f, indent=2)
+                   "environment": environment}, f, indent=2)
     return
 
   config = backend_bench.BenchConfig(

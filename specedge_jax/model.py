@@ -181,8 +181,8 @@ class Transformer(nnx.Module):
     By default the stacked layers run in a `lax.scan`. With `layer_states` (one state per layer,
     from `unstack_layers`, made outside jit) they run in a Python loop over separate arrays
     instead: XLA:CPU copies each layer's weight slice out of the stacked arrays inside the scan,
-    which costs a third of a small decode step on CPU, while the loop's program grows with depth
-    (docs/notes/measurement.md). The result is the same either way, up to float rounding.
+    which costs 15-20 % of a single-lane decode step on CPU, while the loop's program grows with
+    depth (docs/notes/measurement.md). The result is the same either way, up to float rounding.
 
     Returns:
       logits [B, T, V] (or [B, P, V] with `logits_at`), float32; and the updated cache (None
