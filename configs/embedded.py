@@ -8,7 +8,7 @@ Sizes are for CPU and the embedded models (a 4.2M-parameter target, a 0.9M draft
 
 import ml_collections
 
-from specedge_jax import assets
+from specedge_jax.data import assets
 
 
 def get_config() -> ml_collections.ConfigDict:

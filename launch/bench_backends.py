@@ -5,7 +5,7 @@
       --plot=bench.png
   python -m launch.bench_backends --threads=1 --repeats=200 --gemm_shapes=32x256x768,512x512x512
 
-What each side computes, and how it is timed: `specedge_jax/backend_bench.py`.
+What each side computes, and how it is timed: `specedge_jax/bench/backends.py`.
 """
 
 import dataclasses
@@ -53,7 +53,7 @@ def main(argv):
 
   from rich.console import Console
 
-  from specedge_jax import backend_bench
+  from specedge_jax.bench import backends as backend_bench
 
   if _GEMM_SHAPES.value:
     try:

@@ -22,9 +22,9 @@ from absl import flags
 from rich.console import Console
 from rich.table import Table
 
-from specedge_jax import checkpoint
-from specedge_jax import convert_bench
-from specedge_jax.config import tiny_config
+from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.bench import convert as convert_bench
+from specedge_jax.models.model_config import tiny_config
 
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Where to write the checkpoints (default: a "
                                 "fresh temp dir, deleted afterwards).")

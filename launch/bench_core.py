@@ -3,7 +3,7 @@
   python -m launch.bench_core                      # embedded target/draft pair and prompts
   python -m launch.bench_core --num_prompts=8 --out_json=core.json --plot=verify_curve.png
 
-Prints three tables (see `specedge_jax/core_bench.py` for what each measures): the verify
+Prints three tables (see `specedge_jax/bench/core.py` for what each measures): the verify
 step time against tree tokens T and batch B, host overhead, and speculative against
 target-only tokens/s on the same prompts.
 """
@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from specedge_jax import assets
+from specedge_jax.data import assets
 
 _TARGET = flags.DEFINE_string("target", assets.DEFAULT_TARGET_DIR,
                               "Target model: HF folder or orbax checkpoint.")
@@ -49,7 +49,9 @@ def main(argv):
   from rich.table import Table
   from transformers import AutoTokenizer
 
-  from specedge_jax import core_bench, orbax_io, prompts
+  from specedge_jax.bench import core as core_bench
+  from specedge_jax.checkpoints import orbax_io
+  from specedge_jax.data import prompts
   from specedge_jax.engine import ProactiveParams, TreeParams
 
   # Piped output (logs, notes) gets tables wide enough not to cut their columns.

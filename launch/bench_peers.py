@@ -4,9 +4,9 @@
   python -m launch.bench_peers --num_prompts=8 --max_new_tokens=64 --repeats=2 \
       --out_json=peers.json --plot=peers.png
 
-Compares, on the same HF folders and prompts (see `specedge_jax/peer_bench.py`): our JAX
+Compares, on the same HF folders and prompts (see `specedge_jax/bench/peers.py`): our JAX
 SpecExec engine, a plain PyTorch SpecExec implementation of the same algorithm
-(`specedge_jax/torch_reference.py`), HF assisted generation, and plain greedy decoding (ours
+(`specedge_jax/bench/torch_specexec.py`), HF assisted generation, and plain greedy decoding (ours
 and HF's). Prints tokens/s, tokens per target call, where the time goes, and whether every
 method emitted exactly HF greedy's tokens.
 """
@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from specedge_jax import assets
+from specedge_jax.data import assets
 
 _TARGET = flags.DEFINE_string("target", assets.DEFAULT_TARGET_DIR,
                               "Target model: HF folder (both JAX and PyTorch load it).")
@@ -53,7 +53,8 @@ def main(argv):
   from rich.table import Table
   from transformers import AutoTokenizer
 
-  from specedge_jax import peer_bench, prompts
+  from specedge_jax.bench import peers as peer_bench
+  from specedge_jax.data import prompts
   from specedge_jax.engine import TreeParams
 
   # Piped output (logs, notes) gets a table wide enough not to wrap every cell.

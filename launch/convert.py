@@ -3,7 +3,7 @@
   python -m launch.convert --hf_dir=/models/Qwen3-14B --out_dir=/ckpt/qwen3_14b --dtype=bf16
 
 The conversion streams: one copy of the model, in the target dtype, is held at a time. The
-result loads with `specedge_jax.orbax_io.load_model(out_dir)`.
+result loads with `specedge_jax.checkpoints.orbax_io.load_model(out_dir)`.
 """
 
 from absl import app
@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TransferSpeedColumn)
 
-from specedge_jax import checkpoint
-from specedge_jax import orbax_io
+from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import orbax_io
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF folder: config.json + *.safetensors.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output orbax checkpoint directory.")

@@ -8,7 +8,7 @@ on the models and the tree, not on the machine.
 
 from absl import app, flags
 
-from specedge_jax import assets
+from specedge_jax.data import assets
 
 _TARGET = flags.DEFINE_string("target", assets.DEFAULT_TARGET_DIR, "HF folder or orbax dir.")
 _DRAFT = flags.DEFINE_string("draft", assets.DEFAULT_DRAFT_DIR, "HF folder or orbax dir.")
@@ -24,7 +24,8 @@ def main(argv):
   from transformers import AutoTokenizer
 
   from specedge_jax import engine as E
-  from specedge_jax import orbax_io, prompts
+  from specedge_jax.checkpoints import orbax_io
+  from specedge_jax.data import prompts
 
   target, draft = orbax_io.load_model(_TARGET.value), orbax_io.load_model(_DRAFT.value)
   tokenizer = AutoTokenizer.from_pretrained(_TARGET.value)

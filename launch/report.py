@@ -2,13 +2,14 @@
 
   python -m launch.report --events 'runs/exp1/*.jsonl' --out_dir runs/exp1/report --itl_slo_ms 50
 
-Every figure is defined in `specedge_jax/metrics.py`.
+Every figure is defined in `specedge_jax/measure/metrics.py`.
 """
 
 from absl import app, flags
 from rich.console import Console
 
-from specedge_jax import metrics, report
+from specedge_jax.measure import metrics
+from specedge_jax.measure import report
 
 _EVENTS = flags.DEFINE_multi_string(
     "events", None, "Glob of JSONL event logs (repeatable); events group into runs by run_id, "

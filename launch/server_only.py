@@ -11,9 +11,11 @@ from absl import app, flags
 from rich.console import Console
 
 from launch import serving_flags
-from specedge_jax import events as events_lib
-from specedge_jax import metrics, report
-from specedge_jax.serving import baselines, runners
+from specedge_jax.measure import events as events_lib
+from specedge_jax.measure import metrics
+from specedge_jax.measure import report
+from specedge_jax.serving import baselines
+from specedge_jax.serving import runners
 
 _BASELINE = flags.DEFINE_enum("baseline", "autoregressive", list(baselines.BASELINES),
                               "Which server-only system to run.")

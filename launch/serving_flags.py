@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from specedge_jax.serving import processes
-from specedge_jax.serving.config import ServingConfig
+from specedge_jax.serving.serving_config import ServingConfig
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "embedded.py")

@@ -8,7 +8,7 @@
 
 The base config is `--config` (default configs/embedded.py, overridable field by field); the grid
 flags replace its num_drafters, max_batch_size, tree budget, simulated RTT and proactive mode per
-point. See specedge_jax/sweep.py for what a grid point means for each system.
+point. See specedge_jax/bench/sweep.py for what a grid point means for each system.
 """
 
 import os
@@ -18,8 +18,9 @@ from absl import app, flags
 from rich.console import Console
 
 from launch import serving_flags
-from specedge_jax import sweep
-from specedge_jax.serving import local, processes
+from specedge_jax.bench import sweep
+from specedge_jax.serving import local
+from specedge_jax.serving import processes
 
 _CLIENTS = flags.DEFINE_list("clients", ["1", "2", "4"], "Drafters (edges) per grid point.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None,

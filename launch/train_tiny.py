@@ -1,6 +1,6 @@
 """Trains the embedded default models: tokenizer, tiny Qwen3 target, distilled draft.
 
-The defaults reproduce `specedge_jax/assets/models/{target,draft}` (about 25 minutes on 2 CPU
+The defaults reproduce `specedge_jax/data/assets/models/{target,draft}` (about 25 minutes on 2 CPU
 cores). Run again with the same --work_dir to resume after a kill. Tiny sizes and step counts
 make a seconds-long smoke run:
 
@@ -14,8 +14,8 @@ import os
 
 from absl import app, flags, logging
 
-from specedge_jax import training
-from specedge_jax.assets import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR
+from specedge_jax.training import recipe as training
+from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

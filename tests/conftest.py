@@ -71,7 +71,9 @@ def served_pair_dirs(tmp_path_factory):
   BPE tokenizer trained on the embedded prompts (so the embedded prompt set and its chat template
   work): the pair that the process-level tests (local cluster, sweep) serve."""
   import spec_models
-  from specedge_jax import checkpoint, prompts, training
+  from specedge_jax.checkpoints import hf as checkpoint
+  from specedge_jax.data import prompts
+  from specedge_jax.training import recipe as training
 
   records = prompts.load_records()
   texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from specedge_jax import config as config_lib
-from specedge_jax import model as model_lib
+from specedge_jax.models import model_config as config_lib
+from specedge_jax.models import transformer as model_lib
 
 
 def make_pair(vocab_size: int = 64, *, sharpen: float = 20.0, noise: float = 0.02,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from specedge_jax import backend_bench as bb
+from specedge_jax.bench import backends as bb
 
 from conftest import make_hf_model
 

@@ -18,11 +18,11 @@ from absl.testing import flagsaver
 from safetensors.numpy import save_file
 
 from launch import convert
-from specedge_jax import checkpoint
-from specedge_jax import orbax_io
-from specedge_jax.checkpoint import CheckpointError
-from specedge_jax.config import tiny_config
-from specedge_jax.model import causal_mask
+from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import orbax_io
+from specedge_jax.checkpoints.hf import CheckpointError
+from specedge_jax.models.model_config import tiny_config
+from specedge_jax.models.transformer import causal_mask
 
 from conftest import make_hf_model
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import transformers
 
-from specedge_jax import checkpoint
-from specedge_jax.config import ModelConfig
+from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.models.model_config import ModelConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "hf")
 

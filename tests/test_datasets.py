@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from specedge_jax import datasets
+from specedge_jax.data import datasets
 
 DATASET_DIR = os.environ.get("SPECEDGE_DATASET_DIR", datasets.DEFAULT_DATASET_DIR)
 needs_data = pytest.mark.skipif(not os.path.isdir(DATASET_DIR),

@@ -1,4 +1,4 @@
-"""The embedded default models (`specedge_jax/assets`) and the recipe that trains them.
+"""The embedded default models (`specedge_jax/data/assets`) and the recipe that trains them.
 
 The committed target and draft must load in transformers and in our loader with the same logits,
 share one tokenizer that round-trips text and renders the chat template, and fit the size budget.
@@ -16,9 +16,10 @@ import torch
 import transformers
 from absl.testing import flagsaver
 
-from specedge_jax import checkpoint, training
-from specedge_jax.assets import DEFAULT_DRAFT_DIR, DEFAULT_PROMPTS, DEFAULT_TARGET_DIR
-from specedge_jax.model import causal_mask, count_parameters
+from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.training import recipe as training
+from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_PROMPTS, DEFAULT_TARGET_DIR
+from specedge_jax.models.transformer import causal_mask, count_parameters
 
 MODEL_DIRS = {"target": DEFAULT_TARGET_DIR, "draft": DEFAULT_DRAFT_DIR}
 ATOL = 1e-4

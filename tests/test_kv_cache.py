@@ -10,8 +10,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specedge_jax import kv_cache as kv
-from specedge_jax.config import tiny_config
+from specedge_jax.models import kv_cache as kv
+from specedge_jax.models.model_config import tiny_config
 
 CONFIG = tiny_config(num_layers=2, num_kv_heads=2, head_dim=4)
 SLOTS, MAX_LEN = 4, 16

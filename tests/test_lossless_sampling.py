@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from specedge_jax import engine as E
-from specedge_jax import kv_cache as kv
-from specedge_jax import sampling
-from specedge_jax import verify as verify_lib
-from specedge_jax.model import causal_mask, split_model
+from specedge_jax.models import kv_cache as kv
+from specedge_jax.spec import sampling
+from specedge_jax.spec import verify as verify_lib
+from specedge_jax.models.transformer import causal_mask, split_model
 
 import spec_models
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from specedge_jax import checkpoint
-from specedge_jax import kv_cache as kv
-from specedge_jax.model import causal_mask
+from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.models import kv_cache as kv
+from specedge_jax.models.transformer import causal_mask
 
 from conftest import HF_FAMILIES
 
@@ -107,8 +107,8 @@ def test_unstacked_layers_give_the_same_logits_and_cache():
   import jax
   from flax import nnx
 
-  from specedge_jax import config as config_lib
-  from specedge_jax import model as model_lib
+  from specedge_jax.models import model_config as config_lib
+  from specedge_jax.models import transformer as model_lib
 
   model = model_lib.Transformer(config_lib.tiny_config("qwen3", num_layers=3),
                                 rngs=nnx.Rngs(0))

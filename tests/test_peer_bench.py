@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from specedge_jax import engine as E
-from specedge_jax import peer_bench
-from specedge_jax import torch_reference
+from specedge_jax.bench import peers as peer_bench
+from specedge_jax.bench import torch_specexec as torch_reference
 
 from conftest import make_hf_model
 

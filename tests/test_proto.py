@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from specedge_jax.serving import codegen
+from specedge_jax.serving.proto import codegen
 
 pytest.importorskip("grpc_tools")
 
@@ -17,12 +17,13 @@ def test_regenerating_gives_the_committed_files(tmp_path):
     with open(os.path.join(codegen.PROTO_DIR, name), "rb") as f:
       committed = f.read()
     assert fresh == committed, (
-        f"{name} is stale: run `python -m specedge_jax.serving.codegen` and commit the result")
+        f"{name} is stale: run `python -m specedge_jax.serving.proto.codegen` and commit the result")
 
 
 def test_grpc_module_imports_its_messages_package_relatively():
   # pylint: disable-next=g-import-not-at-top
-  from specedge_jax.serving import specedge_pb2, specedge_pb2_grpc
+  from specedge_jax.serving.proto import specedge_pb2
+  from specedge_jax.serving.proto import specedge_pb2_grpc
 
   with open(specedge_pb2_grpc.__file__) as f:
     assert "from . import specedge_pb2 as specedge__pb2" in f.read()

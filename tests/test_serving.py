@@ -1,4 +1,4 @@
-"""The serving stack against engines whose outputs can be worked out by hand (serving_fakes).
+"""The serving stack against engines whose outputs can be worked out by hand (specedge_jax.testing.fakes).
 
 Every test runs the real grpc.aio verifier on a free 127.0.0.1 port and real gRPC clients (the
 drafter, or a raw stub for bad input). Real-engine end-to-end tests are in
@@ -15,11 +15,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving_fakes import FakeDraftEngine, FakeTargetEngine, expected_output, successor
-from specedge_jax import metrics
-from specedge_jax.events import EventLog
-from specedge_jax.serving import specedge_pb2 as pb
-from specedge_jax.serving import specedge_pb2_grpc
+from specedge_jax.testing.fakes import FakeDraftEngine, FakeTargetEngine, expected_output, successor
+from specedge_jax.measure import metrics
+from specedge_jax.measure.events import EventLog
+from specedge_jax.serving.proto import specedge_pb2 as pb
+from specedge_jax.serving.proto import specedge_pb2_grpc
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeDevice, EdgeRequest
 from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
 

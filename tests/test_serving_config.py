@@ -6,7 +6,7 @@ import os
 import pytest
 
 from specedge_jax.serving import workload
-from specedge_jax.serving.config import ServingConfig
+from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import EdgeRequest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,10 +15,12 @@ import pytest
 
 import spec_models
 from specedge_jax import engine as E
-from specedge_jax import metrics
-from specedge_jax.events import EventLog
-from specedge_jax.sampling import SamplingParams
-from specedge_jax.serving import baselines, prefill_cache, runners
+from specedge_jax.measure import metrics
+from specedge_jax.measure.events import EventLog
+from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.serving import baselines
+from specedge_jax.engine import prefix_cache as prefill_cache
+from specedge_jax.serving import runners
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
 from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
 

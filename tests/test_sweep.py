@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from specedge_jax import sweep
-from specedge_jax.serving.config import ServingConfig
+from specedge_jax.bench import sweep
+from specedge_jax.serving.serving_config import ServingConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

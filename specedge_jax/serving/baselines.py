@@ -20,8 +20,8 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
-from specedge_jax.events import EventLog
-from specedge_jax.sampling import SamplingParams
+from specedge_jax.measure.events import EventLog
+from specedge_jax.spec.sampling import SamplingParams
 from specedge_jax.serving.drafter import EdgeRequest, RequestOutput
 
 BASELINES = ("autoregressive", "speculative")

@@ -23,11 +23,12 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from specedge_jax import events as events_lib
-from specedge_jax import metrics, report
+from specedge_jax.measure import events as events_lib
+from specedge_jax.measure import metrics
+from specedge_jax.measure import report
 from specedge_jax.serving import processes
 from specedge_jax.serving.baselines import BASELINES, SYSTEM_NAMES
-from specedge_jax.serving.config import ServingConfig
+from specedge_jax.serving.serving_config import ServingConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPECEDGE_RUN = "specedge"

@@ -20,10 +20,11 @@ import grpc
 import numpy as np
 
 from specedge_jax import engine as engine_lib
-from specedge_jax.events import EventLog
-from specedge_jax.sampling import SamplingParams
-from specedge_jax.serving import baselines, workload
-from specedge_jax.serving.config import ServingConfig
+from specedge_jax.measure.events import EventLog
+from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.serving import baselines
+from specedge_jax.serving import workload
+from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, RequestOutput
 from specedge_jax.serving.verifier import VerifierServer
 
@@ -31,7 +32,7 @@ _log = logging.getLogger(__name__)
 
 
 def load_model(path: str, dtype: str = ""):
-  from specedge_jax import orbax_io  # pylint: disable=g-import-not-at-top (loads orbax)
+  from specedge_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top (loads orbax)
 
   return orbax_io.load_model(path, dtype=dtype or None)
 
@@ -47,7 +48,7 @@ def event_log(path: str | None, system: str) -> EventLog | None:
 
 def build_target_engine(config: ServingConfig, model=None):
   """The verifier's engine, warmed up (every batch bucket and prefill chunk compiled)."""
-  from specedge_jax.serving import prefill_cache  # pylint: disable=g-import-not-at-top
+  from specedge_jax.engine import prefix_cache as prefill_cache  # pylint: disable=g-import-not-at-top
 
   model = model or load_model(config.models.target, config.models.dtype)
   server = config.server

@@ -62,9 +62,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from specedge_jax.events import EventLog
-from specedge_jax.sampling import SamplingParams
-from specedge_jax.serving import specedge_pb2, specedge_pb2_grpc
+from specedge_jax.measure.events import EventLog
+from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.serving.proto import specedge_pb2
+from specedge_jax.serving.proto import specedge_pb2_grpc
 
 _log = logging.getLogger(__name__)
 

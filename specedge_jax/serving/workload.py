@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from specedge_jax import assets, datasets, prompts
-from specedge_jax.serving.config import ServingConfig
+from specedge_jax.data import assets
+from specedge_jax.data import datasets
+from specedge_jax.data import prompts
+from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import EdgeRequest
 
 

@@ -1,0 +1,110 @@
+"""The JSONL event schema shared by the verifier, the drafters, the baselines and the report.
+
+Every process of a run appends one JSON object per line to its own log. The report
+(`specedge_jax.measure.metrics`) reads any set of such logs. All times are `time.time()` wall-clock
+seconds (the processes of a run share one machine clock); durations end in `_s`.
+
+Event kinds and their fields (beyond `kind`, `system`, `t`):
+
+  request_start   request_id, client_id, prompt_tokens, dataset, category
+                  (one per user request, when the client submits it)
+  request_step    request_id, client_id, n_tokens (tokens emitted to the user by this step,
+                  bonus included), draft_time_s, wait_time_s, tree_size, accepted_depth (tree
+                  nodes accepted, bonus excluded), proactive_hit (true/false, or null when
+                  proactive drafting is off)
+                  (one per verification round or decode step of a request; `t` is when the
+                  tokens reached the client)
+  request_end     request_id, client_id, n_generated, finished_reason ('eos' | 'length')
+  server_batch    t_start, t_end, op ('verify' | 'decode' | 'prefill'), batch_size,
+                  tokens (tree/decode/prefill tokens in the forward), forward_time_s,
+                  queue_time_s (mean wait of the batch's requests before the forward),
+                  request_ids
+  edge_busy       client_id, t_start, t_end (an interval in which an edge GPU was drafting)
+
+`system` names what produced the log: 'specedge', 'server_only_ar', 'server_only_spec', ...
+
+Optional on any event: `run_id`, a name shared by all logs of one experiment run (for example
+'specedge-c8'). The report groups events into runs by `run_id`, or by `system` when it is absent,
+so a sweep over client counts gives each run its own `run_id`. Warm-up forwards are not logged:
+the report takes a run's wall time as the span of its logged events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Iterable, Iterator
+
+EVENT_KINDS = ("request_start", "request_step", "request_end", "server_batch", "edge_busy")
+
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "request_start": ("request_id", "client_id", "prompt_tokens"),
+    "request_step": ("request_id", "client_id", "n_tokens"),
+    "request_end": ("request_id", "client_id", "n_generated"),
+    "server_batch": ("t_start", "t_end", "op", "batch_size", "tokens", "forward_time_s"),
+    "edge_busy": ("client_id", "t_start", "t_end"),
+}
+
+
+class EventLog:
+  """Appends events to a JSONL file. Thread-safe; each line is flushed as written.
+
+  A None path gives a log that only keeps events in memory (`events`), for tests.
+  """
+
+  def __init__(self, path: str | os.PathLike | None, system: str, keep_in_memory: bool = False):
+    self.system = system
+    self._lock = threading.Lock()
+    self._file = None
+    self.events: list[dict[str, Any]] | None = [] if (keep_in_memory or path is None) else None
+    if path is not None:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      self._file = open(path, "a", buffering=1)
+
+  def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    if kind not in EVENT_KINDS:
+      raise ValueError(f"unknown event kind {kind!r}")
+    event = {"kind": kind, "system": self.system, "t": fields.pop("t", time.time()), **fields}
+    with self._lock:
+      if self._file is not None:
+        self._file.write(json.dumps(event) + "\n")
+      if self.events is not None:
+        self.events.append(event)
+    return event
+
+  def close(self) -> None:
+    with self._lock:
+      if self._file is not None:
+        self._file.close()
+        self._file = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def read_events(paths: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
+  """Yields the events of JSONL files, validating kind and required fields.
+
+  Raises ValueError naming the file and line of a malformed event.
+  """
+  for path in paths:
+    with open(path) as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          event = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from e
+        kind = event.get("kind") if isinstance(event, dict) else None
+        if kind not in EVENT_KINDS:
+          raise ValueError(f"{path}:{line_no}: unknown event kind {kind!r}")
+        missing = [k for k in REQUIRED_FIELDS[kind] if k not in event]
+        if missing:
+          raise ValueError(f"{path}:{line_no}: {kind} event lacks {missing}")
+        yield event

@@ -1,0 +1,167 @@
+"""The serving experiment config: one frozen dataclass, read from `configs/*.py`.
+
+Config files follow ml_collections' `get_config()` convention and return a `ConfigDict`, so that
+launchers get command-line overrides for free (`--config=configs/embedded.py
+--config.tree.max_budget=16`). `ServingConfig.from_mapping` turns that dict into frozen
+dataclasses and refuses unknown or missing keys by name. This module owns the field names and
+their checks; it never loads a model or opens a socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from specedge_jax.engine import ProactiveParams, TreeParams
+from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.serving.verifier import BatchingConfig
+
+WORKLOAD_SOURCES = ("embedded", "c4", "mtbench", "oasst", "wikitext", "specbench")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelsConfig:
+  """Checkpoints: HF folders or orbax checkpoint dirs (see `orbax_io.load_model`)."""
+
+  target: str
+  draft: str
+  tokenizer: str = ""  # folder with the tokenizer; empty: the target folder
+  dtype: str = ""  # parameter dtype: 'fp32', 'bf16', 'fp16'; empty: as stored
+
+  @property
+  def tokenizer_dir(self) -> str:
+    return self.tokenizer or self.target
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+  """The verifier: KV slots, batching, cache length."""
+
+  num_slots: int = 8  # concurrent sessions (KV slots)
+  max_batch_size: int = 8  # trees per verify forward
+  max_len: int = 1024  # cache rows per slot: prompt + generated tokens + one tree
+  prefill_chunk: int = 64
+  prefill_cache_entries: int = 0  # >0: snapshot prompt prefills for replayed prompts
+  session_timeout_s: float = 600.0
+  batching: BatchingConfig = BatchingConfig()
+
+  def __post_init__(self):
+    for name in ("num_slots", "max_batch_size", "max_len", "prefill_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"server.{name} must be >= 1, got {getattr(self, name)}")
+    if self.prefill_cache_entries < 0:
+      raise ValueError("server.prefill_cache_entries must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgeConfig:
+  """The drafters: how many, requests interleaved on each, simulated network."""
+
+  num_drafters: int = 2
+  requests_per_drafter: int = 2  # K, interleaved on one edge
+  interleave: bool = True
+  simulated_rtt_ms: float = 0.0
+  max_len: int = 1024  # committed rows of the draft cache
+
+  def __post_init__(self):
+    if self.num_drafters < 1 or self.requests_per_drafter < 1:
+      raise ValueError("edge.num_drafters and edge.requests_per_drafter must be >= 1")
+    if not self.simulated_rtt_ms >= 0:
+      raise ValueError(f"edge.simulated_rtt_ms must be >= 0, got {self.simulated_rtt_ms}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadConfig:
+  """The requests: the embedded prompt set or a SpecEdge benchmark set (`datasets.py`)."""
+
+  source: str = "embedded"
+  dataset_dir: str = ""  # for the benchmark sets; empty: datasets.DEFAULT_DATASET_DIR
+  num_requests: int = 8  # in total, dealt round-robin to the drafters; 0 = all
+  req_offset: int = 0
+  sample_req_cnt: int = 1
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.source not in WORKLOAD_SOURCES:
+      raise ValueError(f"workload.source must be one of {WORKLOAD_SOURCES}, got "
+                       f"{self.source!r}")
+    if self.num_requests < 0 or self.max_new_tokens < 1:
+      raise ValueError("workload.num_requests must be >= 0 and max_new_tokens >= 1")
+    self.sampling  # validates temperature / top_p / top_k  # pylint: disable=pointless-statement
+
+  @property
+  def sampling(self) -> SamplingParams:
+    return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+  name: str
+  models: ModelsConfig
+  tree: TreeParams = TreeParams()
+  proactive: ProactiveParams = ProactiveParams()
+  server: ServerConfig = ServerConfig()
+  edge: EdgeConfig = EdgeConfig()
+  workload: WorkloadConfig = WorkloadConfig()
+
+  @property
+  def max_tree_nodes(self) -> int:
+    """Nodes of the largest tree an edge sends, root included."""
+    return self.tree.max_budget + 1
+
+  @classmethod
+  def from_mapping(cls, mapping: Mapping[str, Any]) -> "ServingConfig":
+    """Builds the config from nested dicts (a ConfigDict's `to_dict()`, or JSON)."""
+    return _build(cls, _plain(mapping), "config")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def save_json(self, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+      json.dump(self.to_dict(), f, indent=2)
+
+  @classmethod
+  def load_json(cls, path: str | os.PathLike) -> "ServingConfig":
+    with open(path) as f:
+      return cls.from_mapping(json.load(f))
+
+
+def _plain(value):
+  if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def _build(cls, mapping: Mapping[str, Any], where: str):
+  if not isinstance(mapping, Mapping):
+    raise ValueError(f"{where} must be a mapping, got {type(mapping).__name__}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(mapping) - set(fields))
+  if unknown:
+    raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+  kwargs = {}
+  for name, value in mapping.items():
+    field_type = fields[name].type
+    nested = _NESTED.get(field_type) if isinstance(field_type, str) else None
+    kwargs[name] = _build(nested, value, f"{where}.{name}") if nested else value
+  try:
+    return cls(**kwargs)
+  except TypeError as e:  # a required key is missing
+    raise ValueError(f"{where}: {e}") from e
+
+
+# Field annotations are strings (from __future__ import annotations); map them to classes.
+_NESTED = {
+    "ModelsConfig": ModelsConfig, "TreeParams": TreeParams, "ProactiveParams": ProactiveParams,
+    "ServerConfig": ServerConfig, "EdgeConfig": EdgeConfig, "WorkloadConfig": WorkloadConfig,
+    "BatchingConfig": BatchingConfig,
+}

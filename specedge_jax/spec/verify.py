@@ -1,0 +1,130 @@
+"""Server-side verification and prefill: pure jitted functions over the slot KV cache.
+
+`verify` checks B requests' trees in one target forward. For lane b, the tree's node i is
+written to cache row `prefix_len[b] + i` at RoPE position `prefix_len[b] + depth[i]`, and
+attends to the committed prefix plus its own ancestors. The target then samples one token at
+every node (argmax when greedy), and the accepted path is the chain of nodes whose token equals
+the target's sample at their parent. The target's sample at the last accepted node is the bonus
+token. Every emitted token is thus a true target sample for *any* tree: speculation changes
+speed, never output.
+
+Lossless by construction, no sequential walk: node i is accepted iff every non-root node on its
+root path matches; siblings carry distinct tokens (the verifier validates it), so the accepted
+nodes form one chain. The chain's rows are then compacted to `prefix_len + [0, len)` in the same
+jitted call, with the cache donated.
+
+Padded lanes have `num_nodes = 0`: all their writes go to `DROP_ROW` and their compaction length
+is 0, so they touch no live slot (their reads of slot 0 are discarded).
+
+This module never decides slots, lengths or EOS; `engine.TargetEngine` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specedge_jax.models import kv_cache as kv
+from specedge_jax.spec import sampling
+from specedge_jax.spec import tree as tree_lib
+
+
+@jax.jit
+def request_keys(seeds, steps):
+  """[B] PRNG keys: one stream per request seed, one key per step of it."""
+  return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.PRNGKey(seed), step))(
+      seeds, steps)
+
+
+def _verify_impl(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
+                 num_nodes, temperature, top_p, top_k, seeds, steps):
+  model = nnx.merge(graphdef.graphdef, model_state)
+  keys = request_keys(seeds, steps)
+  batch, capacity = tokens.shape
+  max_len = cache.max_len
+  node = jnp.arange(capacity, dtype=jnp.int32)
+  valid = node[None, :] < num_nodes[:, None]  # [B, N]
+  ancestors = jax.vmap(tree_lib.ancestors_from_parents)(parents, valid)  # [B, N, N]
+  depth = jax.vmap(tree_lib.depth_from_ancestors)(ancestors)
+
+  write_rows = jnp.where(valid, prefix_len[:, None] + node[None, :], kv.DROP_ROW)
+  rows = jnp.arange(max_len, dtype=jnp.int32)
+  relative = rows[None, :] - prefix_len[:, None]  # [B, S]: tree node held by row, if any
+  in_tree = (relative >= 0) & (relative < capacity)
+  tree_part = jnp.take_along_axis(
+      ancestors, jnp.broadcast_to(jnp.clip(relative, 0, capacity - 1)[:, None, :],
+                                  (batch, capacity, max_len)), axis=2)
+  mask = (rows[None, None, :] < prefix_len[:, None, None]) | (in_tree[:, None, :] & tree_part)
+  mask = mask & valid[:, :, None]
+  logits, cache = model(tokens, prefix_len[:, None] + depth, mask, cache, slots, write_rows)
+
+  target_tokens = sampling.sample_tokens(logits, keys, temperature, top_p, top_k)  # [B, N]
+  sample_at_parent = jnp.take_along_axis(target_tokens, jnp.maximum(parents, 0), axis=1)
+  matches = (tokens == sample_at_parent) | (node[None, :] == 0)
+  # accepted[i]: every node on the root path of i matches.
+  accepted = valid & ~jnp.any(ancestors & ~matches[:, None, :], axis=-1)
+  path_len = jnp.sum(accepted, axis=-1).astype(jnp.int32)  # root included
+  # The chain ordered by depth: accepted node at depth d goes to position d.
+  path_nodes = jnp.full((batch, capacity), -1, jnp.int32).at[
+      jnp.arange(batch)[:, None], jnp.where(accepted, depth, capacity)].set(
+          jnp.broadcast_to(node, (batch, capacity)), mode="drop")
+  last = jnp.take_along_axis(path_nodes, jnp.maximum(path_len - 1, 0)[:, None], axis=1)[:, 0]
+  bonus = jnp.take_along_axis(target_tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+
+  cache = kv._compact_rows(cache, slots, prefix_len[:, None] + jnp.maximum(path_nodes, 0),
+                           prefix_len, path_len)
+  return cache, path_nodes, path_len, bonus, target_tokens
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
+           num_nodes, temperature, top_p, top_k, seeds, steps):
+  """Verifies a batch of trees in one target forward and compacts the accepted paths.
+
+  Args:
+    graphdef, model_state: the target model, from `model.split_model`.
+    cache: the target KV cache; donated (do not use it after the call).
+    slots: [B] int32 cache slot per lane (any valid slot for padded lanes).
+    prefix_len: [B] int32 committed rows per lane; the root goes to row prefix_len.
+    tokens, parents: [B, N] int32 trees (root at 0, parents[i] < i), padded past num_nodes.
+    num_nodes: [B] int32 valid nodes per lane; 0 marks a padded lane.
+    temperature, top_p, top_k: [B] sampling parameters (temperature 0 = greedy).
+    seeds, steps: [B] uint32 request seed and int32 step; the lane's PRNG key is
+      fold_in(PRNGKey(seed), step), so a request's randomness does not depend on batching.
+
+  Returns:
+    cache; path_nodes [B, N] (accepted node indices in depth order, root first, -1 padded);
+    path_len [B] (root included); bonus [B]; target_tokens [B, N] (the target's sample at every
+    node, for statistics and tests).
+  """
+  return _verify_impl(graphdef, model_state, cache, slots, prefix_len, tokens, parents,
+                      num_nodes, temperature, top_p, top_k, seeds, steps)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def prefill_chunk(graphdef, model_state, cache: kv.KVCache, slot, tokens, start, count):
+  """Writes `count` tokens (of a fixed-size chunk) at rows start.. of `slot`, causally.
+
+  The chunk size is the static shape (the engine uses a few bucketed sizes), so prompts of any
+  length reuse the same compiled function. Rows before `start` are the already-written prefix.
+
+  Args:
+    slot: int32 scalar; tokens: [C] int32 (padded); start, count: int32 scalars.
+
+  Returns:
+    (cache, logits [V] at the last valid token of the chunk).
+  """
+  model = nnx.merge(graphdef.graphdef, model_state)
+  chunk = tokens.shape[0]
+  max_len = cache.max_len
+  offset = jnp.arange(chunk, dtype=jnp.int32)
+  live = offset < count
+  positions = start + offset
+  write_rows = jnp.where(live, positions, kv.DROP_ROW)
+  mask = jnp.arange(max_len)[None, :] <= positions[:, None]
+  logits, cache = model(tokens[None], positions[None], mask[None], cache, slot[None],
+                        write_rows[None], logits_at=jnp.maximum(count - 1, 0)[None, None])
+  return cache, logits[0, 0]

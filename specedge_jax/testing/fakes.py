@@ -1,0 +1,203 @@
+"""Engines whose outputs can be worked out by hand, for the serving tests.
+
+The fake target's greedy continuation of token t is `successor(t) = (3 t + 1) mod vocab`, so a
+request's output is the chain successor(p), successor(successor(p)), ... from its last prompt
+token p. The fake draft proposes the true chain to a fixed depth and a wrong sibling at every
+level, so each verification accepts exactly `correct_depth` nodes (until max_new_tokens cuts).
+Both follow the `specedge_jax.engine` contract: slots, SlotsExhausted, validate_tree, EOS and
+max_new_tokens handling, VerifyResult fields.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from specedge_jax.spec import tree as tree_lib
+from specedge_jax.engine import DraftTree, SlotsExhausted, VerifyResult
+
+
+def successor(token: int, vocab_size: int) -> int:
+  return (3 * token + 1) % vocab_size
+
+
+def expected_output(prompt_ids, max_new_tokens: int, vocab_size: int,
+                    eos_token_ids=()) -> list[int]:
+  out, token = [], prompt_ids[-1]
+  while len(out) < max_new_tokens:
+    token = successor(token, vocab_size)
+    out.append(token)
+    if token in eos_token_ids:
+      break
+  return out
+
+
+class FakeTargetEngine:
+  """Deterministic target: successor() is always the target's token."""
+
+  def __init__(self, *, vocab_size=50, num_slots=4, max_len=256, max_tree_nodes=16,
+               max_batch_size=4, eos_token_ids=(), forward_delay_s=0.0, open_delay_s=0.0):
+    self.vocab_size, self.num_slots, self.max_len = vocab_size, num_slots, max_len
+    self.max_tree_nodes, self.max_batch_size = max_tree_nodes, max_batch_size
+    self.eos_token_ids = frozenset(eos_token_ids)
+    self.forward_delay_s, self.open_delay_s = forward_delay_s, open_delay_s
+    self._free = list(range(num_slots))
+    self._sessions: dict[int, dict] = {}
+    self.verify_batch_sizes: list[int] = []
+    self.opened_prompts: list[tuple[int, ...]] = []
+    self._owner: threading.Thread | None = None
+
+  def _check_thread(self):
+    # The contract: exactly one thread calls the engine. Fail loudly if the server breaks it.
+    current = threading.current_thread()
+    if self._owner is None:
+      self._owner = current
+    assert self._owner is current, "TargetEngine called from two threads"
+
+  @property
+  def num_free_slots(self) -> int:
+    return len(self._free)
+
+  def validate_tree(self, tree: DraftTree) -> None:
+    self._check_thread()
+    tree_lib.validate_wire_tree(tree.tokens, tree.parents, max_nodes=self.max_tree_nodes,
+                                vocab_size=self.vocab_size)
+
+  def open(self, prompt_ids, sampling, seed, max_new_tokens):
+    self._check_thread()
+    if not prompt_ids:
+      raise ValueError("prompt must be a non-empty list of token ids")
+    if len(prompt_ids) + max_new_tokens + self.max_tree_nodes > self.max_len:
+      raise ValueError("prompt too long")
+    if not self._free:
+      raise SlotsExhausted(f"all {self.num_slots} slots are busy")
+    slot = self._free.pop(0)
+    if self.open_delay_s:
+      time.sleep(self.open_delay_s)
+    self.opened_prompts.append(tuple(prompt_ids))
+    first = successor(prompt_ids[-1], self.vocab_size)
+    finished = first in self.eos_token_ids or max_new_tokens == 1
+    self._sessions[slot] = dict(root=first, generated=1, max_new=max_new_tokens,
+                                finished=finished)
+    return slot, first, finished
+
+  def close(self, slot):
+    self._check_thread()
+    if slot not in self._sessions:
+      raise KeyError(f"no open session in slot {slot}")
+    del self._sessions[slot]
+    self._free.append(slot)
+    self._free.sort()
+
+  def verify(self, requests):
+    self._check_thread()
+    assert 1 <= len(requests) <= self.max_batch_size, len(requests)
+    assert len({slot for slot, _ in requests}) == len(requests), "a slot twice in one batch"
+    self.verify_batch_sizes.append(len(requests))
+    if self.forward_delay_s:
+      time.sleep(self.forward_delay_s)
+    return [self._verify_one(slot, tree) for slot, tree in requests]
+
+  def decode(self, slots):
+    return self.verify([(s, DraftTree(np.array([self._sessions[s]["root"]], np.int32),
+                                      np.array([-1], np.int32))) for s in slots])
+
+  def _verify_one(self, slot, tree):
+    session = self._sessions[slot]
+    assert not session["finished"], f"slot {slot} already finished"
+    tokens, parents = list(tree.tokens), list(tree.parents)
+    assert tokens[0] == session["root"], (tokens[0], session["root"])
+    node, accepted = 0, []
+    while True:
+      want = successor(tokens[node], self.vocab_size)
+      child = next((i for i in range(1, len(tokens))
+                    if parents[i] == node and tokens[i] == want), None)
+      if child is None:
+        break
+      accepted.append(int(want))
+      node = child
+    bonus = successor(tokens[node], self.vocab_size)
+    emitted = accepted + [bonus]
+    finished = False
+    for i, token in enumerate(emitted):
+      if token in self.eos_token_ids:
+        emitted, finished = emitted[:i + 1], True
+        break
+    remaining = session["max_new"] - session["generated"]
+    if len(emitted) >= remaining:
+      emitted, finished = emitted[:remaining], True
+    session.update(root=bonus, generated=session["generated"] + len(emitted), finished=finished)
+    return VerifyResult(accepted=accepted, bonus=bonus, emitted=emitted, finished=finished)
+
+
+class FakeDraftEngine:
+  """Proposes the true chain to `correct_depth`, then one wrong token; a wrong sibling per level.
+
+  With proactive drafting on, a "hit" is counted when the whole proposed chain was accepted and
+  draft_proactive ran for that tree (the fake's stand-in for guessing the bonus right).
+  """
+
+  def __init__(self, *, vocab_size=50, num_slots=2, correct_depth=2, proactive=False):
+    self.vocab_size, self.num_slots = vocab_size, num_slots
+    self.correct_depth, self.proactive = correct_depth, proactive
+    self._free = list(range(num_slots))
+    self._sessions: dict[int, dict] = {}
+    self.calls: list[tuple[str, int]] = []
+    self._owner = None
+
+  def _check_thread(self):
+    current = threading.current_thread()
+    if self._owner is None:
+      self._owner = current
+    assert self._owner is current, "DraftEngine called from two threads"
+
+  def open(self, prompt_ids, first_token):
+    self._check_thread()
+    if not self._free:
+      raise SlotsExhausted("all draft slots are busy")
+    slot = self._free.pop(0)
+    self._sessions[slot] = dict(root=first_token, inflight=None, proactive_done=False)
+    self.calls.append(("open", slot))
+    return slot
+
+  def draft(self, slot):
+    self._check_thread()
+    session = self._sessions[slot]
+    self.calls.append(("draft", slot))
+    tokens, parents = [session["root"]], [-1]
+    parent = 0
+    for _ in range(self.correct_depth):
+      right = successor(tokens[parent], self.vocab_size)
+      wrong = (right + 1) % self.vocab_size
+      tokens += [right, wrong]
+      parents += [parent, parent]
+      parent = len(tokens) - 2
+    # One wrong continuation below the deepest correct node.
+    tokens.append((successor(tokens[parent], self.vocab_size) + 2) % self.vocab_size)
+    parents.append(parent)
+    tree = DraftTree(tokens=np.array(tokens, np.int32), parents=np.array(parents, np.int32))
+    session.update(inflight=tree, proactive_done=False)
+    return tree
+
+  def draft_proactive(self, slot):
+    self._check_thread()
+    self.calls.append(("proactive", slot))
+    if self.proactive:
+      self._sessions[slot]["proactive_done"] = True
+
+  def commit(self, slot, result):
+    self._check_thread()
+    session = self._sessions[slot]
+    assert session["inflight"] is not None, "commit without a tree in flight"
+    self.calls.append(("commit", slot))
+    hit = session["proactive_done"] and len(result.accepted) == self.correct_depth
+    session.update(root=result.bonus, inflight=None, proactive_done=False)
+    return hit if self.proactive else None
+
+  def close(self, slot):
+    self._check_thread()
+    del self._sessions[slot]
+    self._free.append(slot)
+    self.calls.append(("close", slot))
