@@ -12,40 +12,9 @@ from absl import flags
 # defaults without absl trying to parse pytest's own argv.
 flags.FLAGS.mark_as_parsed()
 
-HF_FAMILIES = ("qwen3", "qwen2", "llama")
-
-
-def make_hf_model(family: str, *, seed: int = 0, vocab_size: int = 97, num_layers: int = 2,
-                  tie: bool = False, hidden_size: int = 32, intermediate_size: int = 64):
-  """A random-init tiny HF model of the family (PyTorch), in eval mode."""
-  import torch
-  import transformers
-
-  torch.manual_seed(seed)
-  common = dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                tie_word_embeddings=tie, max_position_embeddings=512)
-  if family == "qwen3":
-    config, cls = transformers.Qwen3Config(**common), transformers.Qwen3ForCausalLM
-  elif family == "qwen2":
-    config, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-  elif family == "llama":
-    # llama3 rope scaling with a small original context so the scaled band is exercised.
-    config = transformers.LlamaConfig(
-        **common, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-    cls = transformers.LlamaForCausalLM
-  else:
-    raise ValueError(family)
-  model = cls(config).eval()
-  # Random init leaves norms at 1; perturb them so the test sees a wrong norm mapping.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.add_(0.1 * torch.randn_like(p))
-  return model
+# The random HF checkpoints are the library's test doubles; some tests import these names from here.
+from specedge_jax.testing.checkpoints import (  # noqa: E402,F401
+    HF_FAMILIES, make_hf_model, save_hf_model)
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +26,7 @@ def hf_checkpoint_dir(tmp_path_factory):
     key = (family, tie)
     if key not in cache:
       folder = tmp_path_factory.mktemp(f"hf_{family}_{'tied' if tie else 'untied'}")
-      model = make_hf_model(family, tie=tie)
-      model.save_pretrained(folder)
-      cache[key] = (str(folder), model)
+      cache[key] = (str(folder), save_hf_model(folder, family, tie=tie))
     return cache[key]
 
   return get

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from specedge_jax.bench import backends as bb
-
-from conftest import make_hf_model
+from specedge_jax.testing.checkpoints import save_hf_model
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
   folder = tmp_path_factory.mktemp("bench_qwen3")
-  make_hf_model("qwen3").save_pretrained(folder)
+  save_hf_model(folder, "qwen3")
   return str(folder)
 
 
@@ -27,6 +26,7 @@ def test_random_tree_is_a_tree():
     assert sorted(depth[ancestors[node]]) == list(range(depth[node] + 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,batch,tree_size", [("verify", 2, 6), ("decode", 2, 1)])
 def test_variants_agree_and_match_path_forward(tiny_dir, kind, batch, tree_size):
   config = bb.BenchConfig(prefix_len=5, repeats=2, warmup=1)
@@ -51,6 +51,7 @@ def test_variants_agree_and_match_path_forward(tiny_dir, kind, batch, tree_size)
   np.testing.assert_allclose(jax_logits[lane, node], expected.numpy(), atol=bb.LOGIT_ATOL)
 
 
+@pytest.mark.slow
 def test_table_plot_and_unknown_variant(tiny_dir, tmp_path):
   with pytest.raises(ValueError, match="unknown variants"):
     bb.make_runners(tiny_dir, ("jax", "tensorflow"))

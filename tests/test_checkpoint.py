@@ -23,8 +23,7 @@ from specedge_jax.checkpoints import orbax_io
 from specedge_jax.checkpoints.hf import CheckpointError
 from specedge_jax.models.model_config import tiny_config
 from specedge_jax.models.transformer import causal_mask
-
-from conftest import make_hf_model
+from specedge_jax.testing.checkpoints import make_hf_model
 
 
 def hf_state(model, dtype=torch.float32) -> dict[str, np.ndarray]:

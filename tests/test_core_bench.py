@@ -16,6 +16,7 @@ def pair():
   return spec_models.make_pair(VOCAB, noise=0.005)
 
 
+@pytest.mark.slow
 def test_verify_curve_covers_the_grid_relative_to_one_token(pair):
   target, _ = pair
   points = core_bench.verify_curve(target, [1, 2], [1, 4], prefix_len=8, repeats=2)
@@ -26,6 +27,7 @@ def test_verify_curve_covers_the_grid_relative_to_one_token(pair):
       assert p.ratio_to_t1 == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_generation_comparison_is_exact_warm_and_best_of_its_passes(pair):
   target, draft = pair
   prompts = spec_models.prompts(3, VOCAB, seed=5, max_len=12)

@@ -148,6 +148,7 @@ def _train_tiny_flags(dataset_dir, work_dir, **overrides):
   return flags
 
 
+@pytest.mark.slow
 def test_train_tiny_end_to_end_and_exact_resume(toy_dataset_dir, tmp_path):
   from launch import train_tiny
 

@@ -38,6 +38,7 @@ def compilation_cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("xla_cache"))
 
 
+@pytest.mark.slow
 def test_local_main_job_matches_the_target_only_baseline(served_pair_dirs, compilation_cache,
                                                          tmp_path):
   out_dir = tmp_path / "run"
@@ -81,6 +82,7 @@ def _children_of_run(out_dir: str) -> list[psutil.Process]:
   return found
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_child(served_pair_dirs, compilation_cache, tmp_path):
   out_dir = str(tmp_path / "interrupted")
   launcher = subprocess.Popen(local_argv(served_pair_dirs, out_dir, compilation_cache,

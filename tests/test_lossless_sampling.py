@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from specedge_jax import engine as E
+from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.spec import sampling
 from specedge_jax.spec import verify as verify_lib
@@ -85,7 +86,7 @@ class VerifySampler:
     self.verify_fn = verify_fn
     self.cache = kv.KVCache.init(target.config, LANES, 32)
     for lane in range(LANES):
-      self.cache, _ = E.prefill(self.graphdef, self.state, self.cache, lane, PROMPT, 0, (8,))
+      self.cache, _ = engine_prefill.prefill(self.graphdef, self.state, self.cache, lane, PROMPT, 0, (8,))
 
   def first_two(self, tokens, parents, params, seed):
     """[LANES * ROUNDS, 2] first two emitted tokens after the prefix and root."""
@@ -187,6 +188,7 @@ def test_counter_lossy_verification_is_detected(models, monkeypatch):
   assert chi_square_pvalue(pairs, p12) < ALPHA  # the joint test does
 
 
+@pytest.mark.slow
 def test_end_to_end_sampled_continuations_match_target(models):
   target, draft = models
   params = SAMPLING_CASES["plain"]

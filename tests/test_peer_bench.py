@@ -112,6 +112,7 @@ def test_torch_reference_rejects_bad_input(pair_dirs):
     reference.generate([1], 0)
 
 
+@pytest.mark.slow
 def test_peer_bench_end_to_end(pair_dirs, hf_greedy, tmp_path):
   target_dir, draft_dir, _ = pair_dirs
   result = peer_bench.run_peer_bench(target_dir, draft_dir, PROMPTS[:2], max_new_tokens=MAX_NEW,

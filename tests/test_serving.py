@@ -231,7 +231,7 @@ def test_bad_input_gets_a_clear_status_and_leaves_other_sessions_alone():
           (invalid, victim_tree(tokens=[-3], parents=[0]), "outside the vocabulary"),
           (invalid, victim_tree(root_token=-1), "root_token"),
           (invalid, victim_tree(tokens=list(range(1000)), parents=[0] * 1000), "at most 8"),
-          # Caught by the engine's own validate_tree, on the engine thread.
+          # Caught by api.validate_tree after the field checks (distinct siblings).
           (invalid, victim_tree(tokens=[4, 4], parents=[0, 0]), "siblings"),
           (precondition, victim_tree(root_token=(vroot + 1) % VOCAB), "out of sync"),
           (invalid, opening(prompt_text="hi", prompt_token_ids=[1], max_new_tokens=4), "both"),

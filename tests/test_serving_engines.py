@@ -17,9 +17,9 @@ import spec_models
 from specedge_jax import engine as E
 from specedge_jax.measure import metrics
 from specedge_jax.measure.events import EventLog
-from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.api import SamplingParams
 from specedge_jax.serving import baselines
-from specedge_jax.engine import prefix_cache as prefill_cache
+from specedge_jax.engine import prefix_cache
 from specedge_jax.serving import runners
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
 from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
@@ -71,6 +71,7 @@ async def serve_edges(target_engine, make_draft_engine, prompts, *, batching, pr
   return [output for outputs in per_edge for output in outputs], server
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batching,proactive_mode", [
     ("dynamic", "disabled"),
     ("static", "excluded"),
@@ -112,7 +113,7 @@ def test_prefill_cache_restores_repeated_prompts_exactly(pair, workload):
   in-process loop with the same seeds and draft."""
   target, draft = pair
   prompts, reference = workload
-  target_engine = prefill_cache.CachingTargetEngine(
+  target_engine = E.TargetEngine(
       target, num_slots=4, max_len=MAX_LEN, max_tree_nodes=TREE.max_budget + 1,
       max_batch_size=4)
   make_draft = lambda slots=2: E.DraftEngine(draft, num_slots=slots, max_len=MAX_LEN, tree=TREE)
@@ -153,7 +154,7 @@ def test_a_failed_restore_gives_its_slot_back_and_rejects_a_foreign_snapshot(pai
   budget that does not fit, is refused before any slot is taken."""
   target, _ = pair
   prompts, reference = workload
-  engine = prefill_cache.CachingTargetEngine(
+  engine = E.TargetEngine(
       target, num_slots=1, max_len=MAX_LEN, max_tree_nodes=TREE.max_budget + 1,
       max_batch_size=1)
   slot, first, _ = engine.open(prompts[0], SamplingParams(), 0, MAX_NEW)
@@ -164,7 +165,7 @@ def test_a_failed_restore_gives_its_slot_back_and_rejects_a_foreign_snapshot(pai
     engine.open_from_prefill(snapshot, prompts[1], SamplingParams(), 0, MAX_NEW)
   with pytest.raises(ValueError, match="cache rows"):
     engine.open_from_prefill(snapshot, prompts[0], SamplingParams(), 0, MAX_LEN)
-  broken = prefill_cache.PrefillSnapshot(prompt_ids=snapshot.prompt_ids, k=snapshot.k[:, :, :1],
+  broken = prefix_cache.PrefillSnapshot(prompt_ids=snapshot.prompt_ids, k=snapshot.k[:, :, :1],
                                          v=snapshot.v)  # one kv head: must not broadcast
   with pytest.raises(ValueError, match="snapshot k rows have shape"):
     engine.open_from_prefill(broken, prompts[0], SamplingParams(), 0, MAX_NEW)
@@ -220,8 +221,8 @@ def test_draft_warmup_can_build_a_proactive_hit(pair):
   slot = engine.open([3, 1, 4, 1, 5], 9)
   engine.draft(slot)
   engine.draft_proactive(slot)
-  guess = runners._proactive_guess(engine, slot)  # pylint: disable=protected-access
+  guess = engine.proactive_hit_result(slot)
   assert guess is not None
   assert engine.commit(slot, guess) is True
   engine.close(slot)
-  runners.warmup_draft_engine(engine)  # and the whole warm-up runs on a live engine
+  engine.warmup()  # and the whole warm-up runs on a live engine

@@ -8,6 +8,7 @@ import pytest
 
 from specedge_jax.spec import draft as draft_lib
 from specedge_jax import engine as E
+from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.spec import tree as tree_lib
 from specedge_jax.spec import verify as verify_lib
@@ -67,6 +68,7 @@ def test_greedy_speculative_equals_target_greedy(pair, greedy_reference, mode, t
   assert target_engine.num_free_slots == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["excluded", "included"])
 def test_a_tree_after_a_proactive_hit_fills_the_main_budget(pair, greedy_reference, mode):
   """Proactive growth here forwards more beams (8) than its budget keeps (6), so every node of
@@ -90,6 +92,7 @@ def test_a_tree_after_a_proactive_hit_fills_the_main_budget(pair, greedy_referen
   assert after_hit == [tree.max_budget + 1] * len(after_hit)
 
 
+@pytest.mark.slow
 def test_trained_style_pair_accepts_deep_paths(pair):
   """With an identical draft, SpecExec should accept (nearly) full-depth paths."""
   target, _ = pair
@@ -126,7 +129,7 @@ def test_chunked_prefill_matches_full_forward(pair):
   prompt = spec_models.prompts(1, VOCAB, seed=3, min_len=150, max_len=150)[0]
   cache = kv.KVCache.init(target.config, 2, 192)
   graphdef, state = split_model(target)
-  cache, last = E.prefill(graphdef, state, cache, 1, prompt, 0, (8, 64))
+  cache, last = engine_prefill.prefill(graphdef, state, cache, 1, prompt, 0, (8, 64))
   logits, _ = target(jnp.asarray([prompt]), jnp.arange(len(prompt))[None],
                      causal_mask(jnp.array([len(prompt)]), len(prompt)))
   np.testing.assert_allclose(np.asarray(last), np.asarray(logits[0, -1]), atol=1e-4)
@@ -159,6 +162,7 @@ def test_padded_lanes_touch_no_live_slot(pair):
   np.testing.assert_array_equal(np.asarray(engine.cache.k[:, slot0]), snapshot)
 
 
+@pytest.mark.slow
 def test_no_recompilation_in_steady_state(pair):
   """50 steps of mixed prompts and accept lengths after warm-up compile nothing."""
   target, draft = pair

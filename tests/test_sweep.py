@@ -16,6 +16,7 @@ from specedge_jax.serving.serving_config import ServingConfig
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_dirs,
                                                                    tmp_path):
   out_dir = tmp_path / "sweep"
@@ -147,6 +148,7 @@ def test_replot_names_a_folder_that_is_not_a_sweep(tmp_path):
     sweep.replot(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_launcher_rejects_a_bad_grid_before_running_anything(tmp_path):
   done = subprocess.run([sys.executable, "-m", "launch.sweep", "--clients=1,x",
                          f"--out_dir={tmp_path / 'never'}"],

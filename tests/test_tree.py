@@ -11,8 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from specedge_jax import api
 from specedge_jax.spec import draft as draft_lib
 from specedge_jax import engine as E
+from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.spec import tree as tree_lib
 from specedge_jax.spec import verify as verify_lib
@@ -39,7 +41,7 @@ def grow_tree(draft_model, *, shape, budget, steps, root, seed):
   n_beams, branch_width, max_steps = shape
   cache = kv.KVCache.init(config, 1, ROWS)
   rng = np.random.default_rng(seed)
-  cache, _ = E.prefill(graphdef, state, cache, 0, list(rng.integers(0, VOCAB, CONTEXT)), 0,
+  cache, _ = engine_prefill.prefill(graphdef, state, cache, 0, list(rng.integers(0, VOCAB, CONTEXT)), 0,
                        (8,))
   tree = tree_lib.root_only(np.int32(root), capacity=CAPACITY, num_child_candidates=branch_width + 1)
   cache, tree, next_row, steps_run = draft_lib.grow(
@@ -145,7 +147,7 @@ def test_reroot_for_growth_readmits_the_stored_candidates(draft_model, small_bud
 def test_accepted_path_is_a_root_path(draft_model, budget, seed, temperature):
   tree, _ = grow_tree(draft_model, shape=SHAPES[0], budget=budget, steps=3, root=1, seed=seed)
   tokens, parents = tree_lib.wire_arrays(tree)
-  tree_lib.validate_wire_tree(tokens, parents, max_nodes=CAPACITY, vocab_size=VOCAB)
+  api.validate_tree(tokens, parents, max_nodes=CAPACITY, vocab_size=VOCAB)
   target, _ = spec_models.make_pair(VOCAB, sharpen=4.0, seed=4)
   graphdef, state = split_model(target)
   cache = kv.KVCache.init(target.config, 2, ROWS)
@@ -177,7 +179,7 @@ def test_accepted_path_is_a_root_path(draft_model, budget, seed, temperature):
     ([1, 2, 2], [-1, 0, 0], "siblings"),
     (list(range(20)), [-1] + list(range(19)), "at most"),
 ])
-def test_validate_wire_tree_names_the_problem(tokens, parents, message):
+def test_validate_tree_names_the_problem(tokens, parents, message):
   with pytest.raises(ValueError, match=message):
-    tree_lib.validate_wire_tree(np.array(tokens, np.int32), np.array(parents, np.int32),
+    api.validate_tree(np.array(tokens, np.int32), np.array(parents, np.int32),
                                 max_nodes=CAPACITY, vocab_size=VOCAB)

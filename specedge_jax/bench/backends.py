@@ -35,6 +35,8 @@ on a shared machine interference only ever adds time, so the best call is the cl
 uninterfered cost. Every call ends
 with its outputs materialized (`block_until_ready` for jax; torch CPU calls are synchronous).
 
+Shapes: see specedge_jax/shapes.py (here the cache has one slot per lane, so its slot axis is B).
+
 This module owns the benchmark. It never changes the model or the checkpoint.
 """
 
@@ -54,6 +56,7 @@ from flax import nnx
 from specedge_jax.checkpoints import hf as checkpoint
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models import transformer as model_lib
+from specedge_jax.testing.checkpoints import save_hf_model
 
 DEFAULT_VARIANTS = ("jax", "torch-eager-dynamic", "torch-eager-static", "torch-compile")
 VARIANTS = (*DEFAULT_VARIANTS, "jax-unstacked")  # the last: a diagnostic of our layer scan
@@ -76,23 +79,13 @@ class TinyQwen3Shape:
 
 def save_random_qwen3(folder: str, shape: TinyQwen3Shape = TinyQwen3Shape(), seed: int = 0,
                       max_position_embeddings: int = 4096) -> str:
-  """Saves a random-init HF Qwen3 of `shape` with transformers; returns the folder."""
-  import torch
-  import transformers
-
-  torch.manual_seed(seed)
-  config = transformers.Qwen3Config(
-      vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-      intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
-      num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
-      head_dim=shape.head_dim, tie_word_embeddings=shape.tie_word_embeddings,
-      max_position_embeddings=max_position_embeddings)
-  model = transformers.Qwen3ForCausalLM(config).eval()
-  with torch.no_grad():  # random init leaves norms at 1; make them matter for the logit check
-    for name, param in model.named_parameters():
-      if "norm" in name:
-        param.add_(0.1 * torch.randn_like(param))
-  model.save_pretrained(folder)
+  """Saves a random-init HF Qwen3 of `shape` with transformers (norms perturbed, so they matter
+  for the logit check); returns the folder."""
+  save_hf_model(folder, "qwen3", seed=seed, vocab_size=shape.vocab_size,
+                hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                num_layers=shape.num_layers, num_heads=shape.num_heads,
+                num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                tie=shape.tie_word_embeddings, max_position_embeddings=max_position_embeddings)
   return folder
 
 
@@ -136,7 +129,7 @@ class CaseInputs:
 
 
 def random_tree(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(depth [size], ancestors [size, size]) of a random tree whose node 0 is the root."""
+  """(depth [T], ancestors [T, T]) of a random tree of T = `size` nodes; node 0 is the root."""
   depth = np.zeros(size, np.int32)
   ancestors = np.eye(size, dtype=bool)
   for node in range(1, size):
@@ -399,9 +392,9 @@ def run_benchmark(hf_dir: str | None, config: BenchConfig,
 
 @dataclasses.dataclass(frozen=True)
 class GemmResult:
-  """One fp32 GEMM [M, K] x [K, N] alone: the ceiling a GEMM-bound forward can reach."""
+  """One fp32 GEMM [m, k] x [k, n] alone: the ceiling a GEMM-bound forward can reach."""
 
-  shape: tuple[int, int, int]  # (M, K, N)
+  shape: tuple[int, int, int]  # (m, k, n): plain GEMM dims, not the shape legend's letters
   xla_ms: float  # best of the repeats
   torch_ms: float
   max_abs_diff: float  # XLA against torch, same inputs

@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 from flax import nnx
 
+from specedge_jax.bench.backends import random_tree
 from specedge_jax.checkpoints import hf as checkpoint
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.model_config import ModelConfig
@@ -118,14 +119,8 @@ class Latency:
 
 
 def random_tree_mask(num_nodes: int, prefix_len: int, max_len: int, seed: int = 0):
-  """(depth [N], mask [N, max_len]) of a random tree whose node i has a parent < i."""
-  rng = np.random.default_rng(seed)
-  depth = np.zeros(num_nodes, np.int32)
-  ancestors = np.eye(num_nodes, dtype=bool)
-  for i in range(1, num_nodes):
-    parent = rng.integers(0, i)
-    depth[i] = depth[parent] + 1
-    ancestors[i] |= ancestors[parent]
+  """(depth [N], mask [N, S]) of a random tree whose node i has a parent < i (see shapes.py)."""
+  depth, ancestors = random_tree(np.random.default_rng(seed), num_nodes)
   mask = np.zeros((num_nodes, max_len), bool)
   mask[:, :prefix_len] = True
   mask[:, prefix_len:prefix_len + num_nodes] = ancestors

@@ -118,7 +118,7 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
   """Target-only vs speculative greedy generation on the same prompts, in one process.
 
   `repeats` timed passes alternate the two methods; each keeps its best wall time (interference
-  only adds time: one disturbed single pass moved a target-only figure by 1.7x on this CPU), and
+  only adds time, and a single disturbed pass can move a figure a lot on a shared CPU), and
   every pass's outputs must be identical.
   """
   if repeats < 1:
@@ -133,7 +133,7 @@ def compare_generation(target, draft, prompts: Sequence[Sequence[int]], *, batch
   greedy = sampling_lib.GREEDY
   # Warm-up: the real workload on up to 8 prompts at full length, so every path that compiles
   # something (batch buckets, prefill chunks, an unexpanded accepted leaf, proactive re-rooting)
-  # has run once. A short warm-up missed some and put ~19 s of compiling into the timed run.
+  # has run once. A short warm-up missed some, and their compiling then landed in the timed run.
   target_engine.warmup()
   warm = list(prompts[:max(8, batch_size)]) + [list(prompts[0][:3])]
   E.generate(target_engine, warm, sampling=greedy, max_new_tokens=max_new_tokens)

@@ -39,7 +39,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import time
 from typing import Any, Mapping, Sequence
 
@@ -216,10 +215,6 @@ class SweepResult:
   out_dir: str
 
 
-def _file_safe(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
 def _child_env(options: SweepOptions) -> dict[str, str]:
   # As run_local's children: unbuffered logs, the repo importable, the shared compile cache.
   path = os.environ.get("PYTHONPATH", "")
@@ -232,17 +227,9 @@ def _child_env(options: SweepOptions) -> dict[str, str]:
   return env
 
 
-def _log_tail(path: str, lines: int = 30) -> str:
-  try:
-    with open(path) as f:
-      return "".join(f.readlines()[-lines:])
-  except OSError:
-    return "(no log)"
-
-
 def _run_baseline(run: PlannedRun, folder: str, options: SweepOptions) -> list[str]:
   """Runs `launch/server_only.py` for a planned baseline run; returns its event log."""
-  stem = _file_safe(run.system)
+  stem = plots.file_safe(run.system)
   config_path = os.path.join(folder, f"{stem}.config.json")
   run.config.save_json(config_path)
   events_path = os.path.join(folder, f"{stem}.jsonl")
@@ -265,7 +252,7 @@ def _run_baseline(run: PlannedRun, folder: str, options: SweepOptions) -> list[s
       time.sleep(0.2)
     if child.returncode != 0:
       raise local.ChildFailed(f"{run.name} exited with status {child.returncode}; the end of "
-                              f"{log_path}:\n{_log_tail(log_path)}")
+                              f"{log_path}:\n{processes.log_tail(log_path)}")
   finally:
     children.kill_all()
   return [events_path]
@@ -436,19 +423,8 @@ def write_plots(options: SweepOptions, rows: Sequence[SweepRow], runs: Sequence[
     label = _line_label(row, options)
     points.setdefault((label, row.point.clients), dataclasses.replace(
         row.summary, system=label, n_clients=row.point.clients))
-  lines = list(points.values())
-  out = options.out_dir
-  written = [
-      plots.plot_throughput_vs_clients(lines, os.path.join(out, "throughput_vs_clients.png")),
-      plots.plot_itl_vs_clients(lines, os.path.join(out, "itl_vs_clients.png")),
-      plots.plot_itl_cdf(runs, os.path.join(out, "itl_cdf.png")),
-      plots.plot_accepted_length_histogram(summaries,
-                                           os.path.join(out, "accepted_length_hist.png")),
-  ]
-  for run in runs:
-    written.append(plots.plot_server_timeline(
-        run, os.path.join(out, f"server_timeline_{_file_safe(run.name)}.png")))
-  return written
+  return plots.write_report_plots(options.out_dir, runs, summaries,
+                                  line_summaries=list(points.values()))
 
 
 def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:

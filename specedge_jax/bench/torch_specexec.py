@@ -10,7 +10,7 @@ transformers' PyTorch models loaded from the same HF folders, batch size 1, gree
   stops early when no new child makes the budget. Nodes are forwarded over the draft's
   `DynamicCache`: the committed sequence is the cache's first rows, every forwarded node
   appends one row, and the node sees the committed rows plus its ancestors' rows (itself
-  included) through a 4D additive attention mask `[1, 1, k, rows]`; RoPE positions are
+  included) through a 4D additive attention mask `[1, 1, T, S]`; RoPE positions are
   `committed + depth`, passed as `position_ids`.
 
   Verify (target, one forward): all tree nodes over the target's `DynamicCache` (the committed
@@ -31,6 +31,9 @@ branch_width` candidates per step); the models run under `torch.inference_mode`.
 scores are broken by sort stability, so tree shapes may differ from the JAX engine's on exact
 ties; the emitted tokens cannot (each one is the target's argmax).
 
+PyTorch is an optional extra (`pip install -e '.[torch]'`): it is imported when a function
+first needs it, so this module imports without it. Shapes: see specedge_jax/shapes.py.
+
 This module owns the PyTorch baseline. It never touches the JAX engine, its caches or its
 models; `TreeParams` is imported only so both sides take the same parameters.
 """
@@ -38,15 +41,38 @@ models; `TreeParams` is imported only so both sides take the same parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from specedge_jax.engine import TreeParams
 
+if TYPE_CHECKING:
+  import torch
+
 LEVEL_DECAY = math.log(0.9)
+
+
+def _torch():
+  """The torch module, imported on first use; ImportError naming the extra without it."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top (an optional extra)
+  except ImportError as e:
+    raise ImportError("specedge_jax.bench.torch_specexec needs PyTorch, an optional extra: "
+                      "pip install -e '.[torch]'") from e
+  return torch
+
+
+def _inference_mode(method):
+  """`@torch.inference_mode()` with torch imported at call time, not at import time."""
+
+  @functools.wraps(method)
+  def wrapper(*args, **kwargs):
+    with _torch().inference_mode():
+      return method(*args, **kwargs)
+
+  return wrapper
 
 
 @dataclasses.dataclass
@@ -87,7 +113,8 @@ class _Tree:
 
 
 def _additive_mask(visible: torch.Tensor) -> torch.Tensor:
-  """[k, rows] bool -> [1, 1, k, rows] float32: 0 where visible, float32 min where hidden."""
+  """[T, S] bool -> [1, 1, T, S] float32: 0 where visible, float32 min where hidden."""
+  torch = _torch()
   mask = torch.zeros(visible.shape, dtype=torch.float32)
   mask.masked_fill_(~visible, torch.finfo(torch.float32).min)
   return mask[None, None]
@@ -117,7 +144,8 @@ class TorchSpecExec:
 
   def _forward(self, model, cache, tokens: Sequence[int], positions: Sequence[int],
                visible: torch.Tensor | None) -> torch.Tensor:
-    """Logits [k, V] of `tokens` appended to `cache`; a causal view when `visible` is None."""
+    """Logits [T, V] of `tokens` appended to `cache`; a causal view when `visible` is None."""
+    torch = _torch()
     kwargs = dict(input_ids=torch.tensor([list(tokens)]),
                   position_ids=torch.tensor([list(positions)]),
                   past_key_values=cache, use_cache=True)
@@ -127,6 +155,7 @@ class TorchSpecExec:
 
   def _grow(self, cache, root: int, committed: int) -> tuple[_Tree, int]:
     """Grows a tree from `root` on the draft; the draft cache holds `committed` rows."""
+    torch = _torch()
     params = self.tree_params
     tree = _Tree(tokens=[root], parents=[-1], depth=[0], score=[0.0], cache_row=[-1])
     forwards = 0
@@ -183,6 +212,7 @@ class TorchSpecExec:
 
   def _verify(self, cache, tree: _Tree, prefix_len: int) -> tuple[list[int], int]:
     """One target forward over the tree; returns (accepted path node indices, bonus)."""
+    torch = _torch()
     n = len(tree)
     visible = torch.zeros(n, prefix_len + n, dtype=torch.bool)
     visible[:, :prefix_len] = True
@@ -203,9 +233,10 @@ class TorchSpecExec:
       path.append(match[0])
     return path, target_tokens[path[-1]]
 
-  @torch.inference_mode()
+  @_inference_mode
   def generate(self, prompt_ids: Sequence[int], max_new_tokens: int) -> ReferenceOutput:
     """Greedy speculative generation for one prompt; equals the target's greedy tokens."""
+    torch = _torch()
     from transformers import DynamicCache
 
     if len(prompt_ids) == 0:

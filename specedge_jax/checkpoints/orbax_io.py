@@ -12,8 +12,8 @@ Memory. Orbax's default numpy handler deep-copies every host array before writin
 measure against concurrent modification"), which would hold a second copy of the model. We save
 through a private type-handler registry whose numpy handler does not copy (tensorstore is told it
 may reference the source data) and we wait for the save before returning, so nothing can modify
-the arrays meanwhile. Compression is off: weights are high-entropy floats, zstd saves little on
-them and costs minutes on a 30 GB model.
+the arrays meanwhile. Compression is off: weights are high-entropy floats, so zstd saves little
+on them while its CPU time grows with the model.
 
 Restore is against an abstract tree (`checkpoint.abstract_params`), so no model is ever
 initialized concretely; leaves arrive as host arrays and move to the device one at a time.
@@ -176,8 +176,8 @@ def restore_params(path: str | os.PathLike, dtype: str | None = None,
 
   Leaves are read as host arrays and then moved to `sharding` one at a time, each host copy
   dropped as it goes. Restoring straight to jax arrays lets orbax hold a host buffer and a
-  device buffer of every array at once: about 1.65x the checkpoint above the import baseline on
-  CPU, against about 1.25x this way (bf16; see docs/notes/foundation.md).
+  device buffer of every array at once, so its peak memory is well above this way's (figures:
+  docs/notes/foundation.md).
 
   Args:
     path: a directory written by `save`.

@@ -22,6 +22,8 @@ import os
 import random
 from typing import Any, Protocol, Sequence
 
+from specedge_jax.data import tokenizers
+
 DATASET_FILES = {
     "c4": "c4_prompts.json",
     "mtbench": "mtbench_prompts.json",
@@ -48,6 +50,10 @@ DEFAULT_DATASET_DIR = os.path.normpath(os.path.join(
 
 class DatasetError(ValueError):
   """A prompt file is missing or malformed; the message names the file and, if any, the row."""
+
+
+class PromptFileMissing(DatasetError, FileNotFoundError):
+  """A prompt file does not exist (a `DatasetError` that is also a `FileNotFoundError`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +140,23 @@ def _dataset_path(dataset: str, dataset_dir: str | os.PathLike) -> str:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
   path = os.path.join(dataset_dir, DATASET_FILES[dataset])
   if not os.path.isfile(path):
-    raise DatasetError(f"{path}: prompt file for dataset {dataset!r} does not exist "
-                       f"(is --dataset_dir pointing at the folder of the SpecEdge prompt sets?)")
+    raise PromptFileMissing(
+        f"{path}: prompt file for dataset {dataset!r} does not exist "
+        f"(is --dataset_dir pointing at the folder of the SpecEdge prompt sets?)")
   return path
 
 
-def _read_index_text_rows(path: str) -> list[str]:
-  """Reads a JSON list of `[index, text]` rows; returns the texts, checking each row."""
+def read_index_text_rows(path: str | os.PathLike) -> list[str]:
+  """Reads a JSON list of `[index, text]` rows (c4, mtbench, oasst, wikitext); returns the texts.
+
+  The one reader of these files, for the benchmark loader here and for the training recipe.
+
+  Raises:
+    PromptFileMissing: the file does not exist.
+    DatasetError: the file is not such a list, or a row is not such a pair (names file and row).
+  """
+  if not os.path.isfile(path):
+    raise PromptFileMissing(f"{path}: prompt file does not exist (check --dataset_dir)")
   try:
     with open(path, encoding="utf-8") as f:
       rows = json.load(f)
@@ -199,15 +215,13 @@ def load_prompts(dataset: str, dataset_dir: str | os.PathLike, *, req_offset: in
   """
   path = _dataset_path(dataset, dataset_dir)
   if dataset != "specbench":
-    texts = _read_index_text_rows(path)
+    texts = read_index_text_rows(path)
     return [Prompt(dataset, i, texts[i]) for i in
             sample_rows(len(texts), req_offset, sample_req_cnt, max_request_num)]
   if tokenizer is None:
     raise ValueError("specbench prompts need the target tokenizer (its chat template)")
   if isinstance(tokenizer, (str, os.PathLike)):
-    from transformers import AutoTokenizer  # local: only specbench needs a tokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    tokenizer = tokenizers.load_tokenizer(tokenizer)
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError("specbench prompts need a chat template, and this tokenizer has no chat "
                      "template")

@@ -1,35 +1,27 @@
-"""Prefill snapshots for replayed benchmark prompts (the reference's `cache_prefill`).
+"""Prompt prefill snapshots and their cache (the reference's `cache_prefill`).
 
 Benchmarks replay the same prompts run after run; on a big target the prompt prefill is a large
-share of server time that says nothing about speculation. `CachingTargetEngine` is a
-`TargetEngine` that can snapshot a slot's prompt key/values after a prefill and restore them
-into a fresh slot by copy. The verifier's `PrefillCache` keys the snapshots by prompt ids.
+share of server time that says nothing about speculation. A `PrefillSnapshot` holds the key/value
+rows of every prompt token but the last, in host memory, padded to a power-of-two row count (so
+the copy compiles once per bucket, not once per prompt length). `TargetEngine.export_prefill`
+reads one after an open; `TargetEngine.open_from_prefill` copies it into a fresh slot and then
+prefills the last prompt token alone, whose logits give the first token exactly as `open` samples
+it. The verifier keeps the snapshots in its LRU (`serving/engine_worker.py`), keyed by prompt ids.
 
-A snapshot holds the key/value rows of every prompt token but the last, padded to a power-of-two
-row count (so the copy compiles once per bucket, not once per prompt length), in host memory. Restoring copies
-those rows and then prefills the last prompt token alone: that one-token forward yields the
-logits the first token is sampled from, exactly as `TargetEngine.open` samples it (same key,
-same sampling parameters), so a restored session continues like a freshly prefilled one.
-
-This module owns only the snapshot/restore path. It opens sessions through `TargetEngine`'s
-extension point (`_checked_prompt`, `_open_slot(..., fill)`), so validation, slot bookkeeping and
-first-token sampling are the engine's own; `tests/test_serving_engines` pins that a restored
-session emits exactly what a prefilled one does.
+This module owns the snapshot format and the jitted row copies; it never opens a session (the
+engine does, through its one `_open_slot`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specedge_jax import engine as engine_lib
 from specedge_jax.models import kv_cache as kv
-from specedge_jax.spec.sampling import SamplingParams
 
 _MIN_BUCKET = 8
 
@@ -74,57 +66,25 @@ def _write_rows(cache: kv.KVCache, slot: jax.Array, k_rows: jax.Array, v_rows: j
                     v=cache.v.at[:, slot, rows].set(v_rows.astype(cache.v.dtype), mode="drop"))
 
 
-class CachingTargetEngine(engine_lib.TargetEngine):
-  """A TargetEngine with `export_prefill` / `open_from_prefill`. Not thread-safe either."""
+def read_snapshot(cache: kv.KVCache, slot: int, prompt_ids: tuple[int, ...],
+                  max_len: int) -> PrefillSnapshot:
+  """The rows of prompt_ids[:-1] in `slot`, copied to host memory."""
+  k, v = jax.device_get(_read_rows(cache, jnp.int32(slot),
+                                   min(_bucket(len(prompt_ids) - 1), max_len)))
+  return PrefillSnapshot(prompt_ids=tuple(prompt_ids), k=k, v=v)
 
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._prompts: dict[int, tuple[int, ...]] = {}
 
-  def open(self, prompt_ids: Sequence[int], sampling: SamplingParams, seed: int,
-           max_new_tokens: int) -> tuple[int, int, bool]:
-    slot, first, finished = super().open(prompt_ids, sampling, seed, max_new_tokens)
-    self._prompts[slot] = tuple(int(t) for t in prompt_ids)
-    return slot, first, finished
+def check_snapshot_fits(snapshot: PrefillSnapshot, cache: kv.KVCache, max_len: int) -> None:
+  """ValueError unless the snapshot's rows have this cache's layer and head shape."""
+  layers, _, _, kv_heads, head_dim = cache.k.shape
+  for name, rows in (("k", snapshot.k), ("v", snapshot.v)):
+    if (rows.ndim != 4 or rows.shape[0] != layers or rows.shape[2:] != (kv_heads, head_dim)
+        or not snapshot.rows <= rows.shape[1] <= max_len):
+      raise ValueError(f"snapshot {name} rows have shape {rows.shape}; this engine needs "
+                       f"[{layers}, {snapshot.rows}..{max_len}, {kv_heads}, {head_dim}]")
 
-  def export_prefill(self, slot: int) -> PrefillSnapshot:
-    """Snapshots the prompt rows of a slot that was just opened (before any verify)."""
-    session = self.session(slot)
-    prompt = self._prompts.get(slot)
-    if prompt is None or session.generated != 1 or session.prefix_len != len(prompt):
-      raise ValueError(f"slot {slot} is not freshly prefilled; snapshot right after open()")
-    k, v = jax.device_get(_read_rows(self.cache, jnp.int32(slot),
-                                     min(_bucket(len(prompt) - 1), self.max_len)))
-    return PrefillSnapshot(prompt_ids=prompt, k=k, v=v)
 
-  def open_from_prefill(self, snapshot: PrefillSnapshot, prompt_ids: Sequence[int],
-                        sampling: SamplingParams, seed: int,
-                        max_new_tokens: int) -> tuple[int, int, bool]:
-    """Like `open`, but copies the snapshot's rows instead of running the prompt forward."""
-    prompt = tuple(int(t) for t in prompt_ids)
-    if prompt != snapshot.prompt_ids:
-      raise ValueError("the snapshot belongs to a different prompt")
-    checked = self._checked_prompt(prompt, max_new_tokens)
-    layers, _, _, kv_heads, head_dim = self.cache.k.shape
-    for name, rows in (("k", snapshot.k), ("v", snapshot.v)):
-      if (rows.ndim != 4 or rows.shape[0] != layers or rows.shape[2:] != (kv_heads, head_dim)
-          or not snapshot.rows <= rows.shape[1] <= self.max_len):
-        raise ValueError(f"snapshot {name} rows have shape {rows.shape}; this engine needs "
-                         f"[{layers}, {snapshot.rows}..{self.max_len}, {kv_heads}, {head_dim}]")
-
-    def restore(cache: kv.KVCache, slot: int):
-      cache = _write_rows(cache, jnp.int32(slot), jnp.asarray(snapshot.k),
-                          jnp.asarray(snapshot.v), jnp.int32(snapshot.rows))
-      # The last prompt token alone: its forward gives the first-token logits.
-      return engine_lib.prefill(self.graphdef, self.state, cache, slot, prompt[-1:],
-                                snapshot.rows, self.chunk_sizes, self.clock)
-
-    slot, first, finished = self._open_slot(checked, sampling, seed, max_new_tokens,
-                                            fill=restore)
-    self._prompts[slot] = prompt
-    return slot, first, finished
-
-  def close(self, slot: int) -> None:
-    super().close(slot)
-    self._prompts.pop(slot, None)
-
+def write_snapshot(cache: kv.KVCache, slot: int, snapshot: PrefillSnapshot) -> kv.KVCache:
+  """Copies the snapshot's rows into rows [0, snapshot.rows) of `slot` (the cache is donated)."""
+  return _write_rows(cache, jnp.int32(slot), jnp.asarray(snapshot.k), jnp.asarray(snapshot.v),
+                     jnp.int32(snapshot.rows))

@@ -11,17 +11,29 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
   request_step    request_id, client_id, n_tokens (tokens emitted to the user by this step,
                   bonus included), draft_time_s, wait_time_s, tree_size, accepted_depth (tree
                   nodes accepted, bonus excluded), proactive_hit (true/false, or null when
-                  proactive drafting is off)
-                  (one per verification round or decode step of a request; `t` is when the
-                  tokens reached the client)
-  request_end     request_id, client_id, n_generated, finished_reason ('eos' | 'length')
-  server_batch    t_start, t_end, op ('verify' | 'decode' | 'prefill'), batch_size,
-                  tokens (tree/decode/prefill tokens in the forward), forward_time_s,
-                  queue_time_s (mean wait of the batch's requests before the forward),
-                  request_ids
-  edge_busy       client_id, t_start, t_end (an interval in which an edge GPU was drafting)
+                  proactive drafting is off), phase ('prefill' | 'verify' | 'decode');
+                  an edge's verify steps add server_queue_time_s, server_forward_time_s and
+                  server_batch_size (the verifier's timing of that round)
+                  (one per verification round or decode step of a request, plus one 'prefill'
+                  step for the first token; `t` is when the tokens reached the client)
+  request_end     request_id, client_id, n_generated, output_tokens, finished_reason
+                  ('eos' | 'length' | 'error'); an edge adds error (the message, or null)
+  server_batch    t_start, t_end, op, batch_size, tokens (tree/decode/prefill tokens in the
+                  forward), forward_time_s, queue_time_s (mean wait of the batch's requests
+                  before the forward), request_ids; the verifier's 'prefill' adds
+                  prefill_cache_hit (tokens is 0 on a hit). op is one of:
+                    'prefill'        the target's prompt prefill (verifier, baselines)
+                    'verify'         a batched tree verification (verifier, server_only_spec)
+                    'decode'         a batched autoregressive step (server_only_ar)
+                    'draft'          the server-side drafting of a step (server_only_spec)
+                    'draft_prefill'  the server-side draft model's prefill (server_only_spec)
+  edge_busy       client_id, t_start, t_end, op (an interval in which an edge GPU ran one job);
+                  op is one of 'prefill' (draft prefill), 'draft' (tree growth), 'proactive'
+                  (a proactive tree while the verify is in flight), 'commit' (taking the
+                  verified result), 'close' (freeing the draft slot)
 
-`system` names what produced the log: 'specedge', 'server_only_ar', 'server_only_spec', ...
+`system` names what produced the log: 'specedge' (verifier and edge drafters), 'server_only_ar'
+and 'server_only_spec' (the server-only baselines).
 
 Optional on any event: `run_id`, a name shared by all logs of one experiment run (for example
 'specedge-c8'). The report groups events into runs by `run_id`, or by `system` when it is absent,

@@ -1,13 +1,16 @@
 """PNG figures of run metrics (matplotlib, Agg backend: no display needed).
 
-This module only draws what `metrics.py` computed; it defines no figure of its own. Each function
-writes one PNG and returns its path.
+This module only draws what `metrics.py` computed; it defines no figure of its own. Each
+`plot_*` function writes one PNG and returns its path; `write_report_plots` is the one list of the
+PNGs a results folder holds (the report and the sweep both write it) and `file_safe` the one
+spelling of a run name inside a file name.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import re
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -141,3 +144,27 @@ def plot_server_timeline(run: Run, path: str) -> str:
   ax.set_title(f"{run.name}: busy timeline")
   ax.legend(loc="upper right", fontsize="small")
   return _save(fig, path)
+
+
+def file_safe(name: str) -> str:
+  """`name` (a run or system name) as it appears in a file name: `[A-Za-z0-9_.-]`, others `_`."""
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_report_plots(out_dir: str, runs: Sequence[Run], summaries: Sequence[RunSummary],
+                       line_summaries: Sequence[RunSummary] | None = None) -> list[str]:
+  """Every PNG of a results folder, in this order: throughput and ITL against clients (a line per
+  `system` of `line_summaries`, which default to `summaries`), the ITL CDF of `runs`, the
+  accepted-length histogram of `summaries`, and one busy timeline per run. Returns the paths."""
+  lines = summaries if line_summaries is None else line_summaries
+  written = [
+      plot_throughput_vs_clients(lines, os.path.join(out_dir, "throughput_vs_clients.png")),
+      plot_itl_vs_clients(lines, os.path.join(out_dir, "itl_vs_clients.png")),
+      plot_itl_cdf(runs, os.path.join(out_dir, "itl_cdf.png")),
+      plot_accepted_length_histogram(summaries,
+                                     os.path.join(out_dir, "accepted_length_hist.png")),
+  ]
+  for run in runs:
+    written.append(plot_server_timeline(
+        run, os.path.join(out_dir, f"server_timeline_{file_safe(run.name)}.png")))
+  return written

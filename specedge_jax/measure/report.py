@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 from typing import Iterable, Sequence
 
 from rich.table import Table
@@ -97,10 +96,6 @@ def category_table(summary: metrics.RunSummary) -> Table:
   return table
 
 
-def _file_safe(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
 def build_report(event_paths: Sequence[str], out_dir: str,
                  cost_config: metrics.CostConfig = metrics.CostConfig(),
                  itl_slo_s: float | None = None) -> tuple[list[metrics.RunSummary], list[Table],
@@ -116,17 +111,6 @@ def build_report(event_paths: Sequence[str], out_dir: str,
   with open(report_path, "w") as f:
     json.dump({"event_files": list(event_paths),
                "runs": {s.run: s.to_dict() for s in summaries}}, f, indent=2)
-  written = [
-      report_path,
-      plots.plot_throughput_vs_clients(summaries,
-                                       os.path.join(out_dir, "throughput_vs_clients.png")),
-      plots.plot_itl_vs_clients(summaries, os.path.join(out_dir, "itl_vs_clients.png")),
-      plots.plot_itl_cdf(runs, os.path.join(out_dir, "itl_cdf.png")),
-      plots.plot_accepted_length_histogram(summaries,
-                                           os.path.join(out_dir, "accepted_length_hist.png")),
-  ]
-  for run in runs:
-    written.append(plots.plot_server_timeline(
-        run, os.path.join(out_dir, f"server_timeline_{_file_safe(run.name)}.png")))
+  written = [report_path, *plots.write_report_plots(out_dir, runs, summaries)]
   tables = [summary_table(summaries)] + [category_table(s) for s in summaries if s.categories]
   return summaries, tables, written

@@ -2,7 +2,7 @@
 
 Layout. Keys and values of all layers are stacked into one array each:
 
-    k, v: [layers, slots, max_len, kv_heads, head_dim]
+    k, v: [L, M, S, K, H]   (layers, slots, max_len rows, kv heads, head dim)
 
 A *slot* holds one live request. Row `r` of a slot holds the key/value of the token the request
 placed at cache row `r`. Rows at or beyond a request's committed length are garbage and must be
@@ -11,6 +11,8 @@ masked out by whoever builds the attention mask; the cache itself keeps no lengt
 Dropped writes. Every write in this project uses `mode="drop"` scatters, so a write index of
 `max_len` or more (see `DROP_ROW`) writes nothing. Padded tokens and padded batch lanes use it and
 therefore never touch a live slot.
+
+Shapes: see specedge_jax/shapes.py.
 
 This module owns the layout and row movement. It never decides *which* rows are valid: the tree,
 draft and verify modules do that.
@@ -33,8 +35,8 @@ DROP_ROW = jnp.iinfo(jnp.int32).max
 
 @struct.dataclass
 class KVCache:
-  k: jax.Array  # [layers, slots, max_len, kv_heads, head_dim]
-  v: jax.Array  # [layers, slots, max_len, kv_heads, head_dim]
+  k: jax.Array  # [L, M, S, K, H]
+  v: jax.Array  # [L, M, S, K, H]
 
   @classmethod
   def init(cls, config: ModelConfig, num_slots: int, max_len: int,
@@ -59,11 +61,11 @@ def write_layer(cache_layers: jax.Array, layer: jax.Array, slots: jax.Array, row
   """Writes new rows of one layer into a stacked cache array.
 
   Args:
-    cache_layers: [layers, slots, max_len, kv_heads, head_dim].
+    cache_layers: [L, M, S, K, H].
     layer: scalar int, the layer to write.
     slots: [B] slot of each batch lane.
     rows: [B, T] cache row of each new token; `DROP_ROW` (or any row >= max_len) writes nothing.
-    values: [B, T, kv_heads, head_dim].
+    values: [B, T, K, H].
   """
   return cache_layers.at[layer, slots[:, None], rows].set(
       values.astype(cache_layers.dtype), mode="drop")
@@ -71,7 +73,7 @@ def write_layer(cache_layers: jax.Array, layer: jax.Array, slots: jax.Array, row
 
 def _compact_rows(cache: KVCache, slots: jax.Array, src_rows: jax.Array, dst_start: jax.Array,
                   lengths: jax.Array) -> KVCache:
-  path_len = src_rows.shape[1]
+  path_len = src_rows.shape[1]  # A
   steps = jnp.arange(path_len, dtype=jnp.int32)[None, :]
   dst_rows = jnp.where(steps < lengths[:, None], dst_start[:, None] + steps, DROP_ROW)
   # Gather every layer's rows before scattering any, so overlapping source and destination
@@ -79,7 +81,7 @@ def _compact_rows(cache: KVCache, slots: jax.Array, src_rows: jax.Array, dst_sta
   src = jnp.clip(src_rows, 0, cache.max_len - 1)
 
   def move(layers):
-    moved = layers[:, slots[:, None], src]  # [layers, B, P, kv_heads, head_dim]
+    moved = layers[:, slots[:, None], src]  # [L, B, A, K, H]
     return layers.at[:, slots[:, None], dst_rows].set(moved, mode="drop")
 
   return KVCache(k=move(cache.k), v=move(cache.v))
@@ -97,9 +99,9 @@ def compact_rows(cache: KVCache, slots: jax.Array, src_rows: jax.Array, dst_star
   Args:
     cache: the cache; donated, do not use it after the call.
     slots: [B] int32.
-    src_rows: [B, P] int32, e.g. the cache rows of an accepted tree path.
+    src_rows: [B, A] int32, e.g. the cache rows of an accepted tree path.
     dst_start: [B] int32, first destination row.
-    lengths: [B] int32, how many rows to move, at most P.
+    lengths: [B] int32, how many rows to move, at most A.
 
   Returns:
     The updated cache.

@@ -30,16 +30,19 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Architecture of a decoder-only transformer of the Qwen3 / Qwen2 / Llama families."""
+  """Architecture of a decoder-only transformer of the Qwen3 / Qwen2 / Llama families.
+
+  The trailing letters are the axes' names in shape comments (see specedge_jax/shapes.py).
+  """
 
   model_type: str
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
+  vocab_size: int  # V
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int  # L
+  num_heads: int  # Q
+  num_kv_heads: int  # K
+  head_dim: int  # H
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = RopeScaling()
@@ -67,7 +70,7 @@ class ModelConfig:
     return self.num_heads // self.num_kv_heads
 
   def rope_inverse_frequencies(self) -> np.ndarray:
-    """The RoPE inverse frequencies [head_dim // 2], float64, with llama3 scaling applied."""
+    """The RoPE inverse frequencies [H / 2], float64, with llama3 scaling applied."""
     exponents = np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim
     inv_freq = 1.0 / (self.rope_theta**exponents)
     scaling = self.rope_scaling

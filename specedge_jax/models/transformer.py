@@ -5,9 +5,8 @@ the cache rows to write, and a boolean attention mask over the cache, and get `(
 back. Prefill, decode, tree drafting and tree verification differ only in what they pass; the
 model never builds a causal mask itself.
 
-Shape letters (used in comments and einsum strings):
-  B batch lanes, T new tokens, S cache rows (max_len), D model width, F MLP width, V vocab,
-  L layers, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim.
+Shapes: see specedge_jax/shapes.py (comments and einsum strings use its letters; here B, T,
+S, M, O, D, V, L, Q, K, G with Q = K * G, and H).
 
 Layers are stacked (every layer parameter has a leading [L] axis, built with `nnx.vmap`) and run
 with `jax.lax.scan`, so compile time does not grow with depth. The stacked cache rides in the scan
@@ -48,9 +47,9 @@ def _linear(fan_in, fan_out, use_bias, dtype, param_dtype, rngs):
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding, half-split convention (HF `rotate_half`).
 
-  x: [B, T, heads, H]; positions: [B, T]; inv_freq: [H / 2].
+  x: [B, T, Q or K, H]; positions: [B, T]; inv_freq: [H / 2].
   """
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H / 2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
@@ -78,13 +77,13 @@ class Attention(nnx.Module):
     """One attention layer.
 
     x: [B, T, D]; positions: [B, T]; mask: [B, T, S] (S = cache rows, or T without a cache).
-    cache_k, cache_v: the stacked caches [L, slots, S, K, H], or None for a cache-less forward.
+    cache_k, cache_v: the stacked caches [L, M, S, K, H], or None for a cache-less forward.
     Returns (output [B, T, D], cache_k, cache_v).
     """
     c = self.config
     batch, seq = x.shape[:2]
-    q = self.q_proj(x).reshape(batch, seq, c.num_heads, c.head_dim)
-    k = self.k_proj(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+    q = self.q_proj(x).reshape(batch, seq, c.num_heads, c.head_dim)  # [B, T, Q, H]
+    k = self.k_proj(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)  # [B, T, K, H]
     v = self.v_proj(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
@@ -101,7 +100,7 @@ class Attention(nnx.Module):
     else:
       keys, values = k, v
 
-    q = q.reshape(batch, seq, c.num_kv_heads, c.queries_per_kv_head, c.head_dim)
+    q = q.reshape(batch, seq, c.num_kv_heads, c.queries_per_kv_head, c.head_dim)  # [B, T, K, G, H]
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys,
                         preferred_element_type=jnp.float32) * (c.head_dim**-0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -169,7 +168,7 @@ class Transformer(nnx.Module):
       cache: kv.KVCache | None = None,
       slots: jax.Array | None = None,  # [B] int32, the cache slot of each lane
       write_rows: jax.Array | None = None,  # [B, T] int32, cache row of each token; DROP_ROW skips
-      logits_at: jax.Array | None = None,  # [B, P] int32: compute logits only at these tokens
+      logits_at: jax.Array | None = None,  # [B, O] int32: compute logits only at these tokens
       layer_states: list[nnx.State] | None = None,  # per-layer weights, see `unstack_layers`
   ) -> tuple[jax.Array, kv.KVCache | None]:
     """Runs the decoder.
@@ -181,11 +180,12 @@ class Transformer(nnx.Module):
     By default the stacked layers run in a `lax.scan`. With `layer_states` (one state per layer,
     from `unstack_layers`, made outside jit) they run in a Python loop over separate arrays
     instead: XLA:CPU copies each layer's weight slice out of the stacked arrays inside the scan,
-    which costs 15-20 % of a single-lane decode step on CPU, while the loop's program grows with
-    depth (docs/notes/measurement.md). The result is the same either way, up to float rounding.
+    a cost that matters when the step itself is small (single lane, single token), while the
+    loop's program grows with depth (figures: docs/notes/measurement.md). The result is the
+    same either way, up to float rounding.
 
     Returns:
-      logits [B, T, V] (or [B, P, V] with `logits_at`), float32; and the updated cache (None
+      logits [B, T, V] (or [B, O, V] with `logits_at`), float32; and the updated cache (None
       without one).
     """
     x = self.embed(tokens)
@@ -233,7 +233,7 @@ class StaticGraph:
   """An `nnx.GraphDef` as a cheap static jit argument.
 
   jit hashes static arguments on every call, and hashing a GraphDef walks the whole module
-  graph (~1 ms here, more than a tiny model's forward). This wrapper hashes once and compares
+  graph, which costs more than a tiny model's forward. This wrapper hashes once and compares
   by identity first, so an engine that keeps one wrapper pays nothing per call, while equal
   graphs from different engines still share compiled code.
   """
@@ -275,6 +275,11 @@ def causal_mask(lengths: jax.Array, seq_len: int) -> jax.Array:
 
 
 def count_parameters(model_or_state) -> int:
+  """Parameters of a model, of a parameter state, or of a `ModelConfig`'s model (counted from
+  its shapes, without allocating it)."""
+  if isinstance(model_or_state, ModelConfig):
+    config = model_or_state
+    model_or_state = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
   state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) \
       else model_or_state
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -5,7 +5,7 @@
   request's slot is refilled with the next waiting request at once.
 * `speculative`: the reference's server-only SpecExec: draft and target both on the server. Each
   step drafts a tree for every active request on the draft model, then verifies all trees in one
-  batched target forward, then commits. Drafting is server time here (`server_batch` events with
+  batched target forward, then commits (`engine.generate.run_round`, the in-process round). Drafting is server time here (`server_batch` events with
   op 'draft'), which is exactly what SpecEdge moves to the edges.
 
 Both loops are single-threaded (they own both engines) and emit request_start / request_step /
@@ -20,8 +20,10 @@ import dataclasses
 import time
 from typing import Callable, Sequence
 
+from specedge_jax import api
+from specedge_jax.api import SamplingParams
+from specedge_jax.engine.generate import run_round
 from specedge_jax.measure.events import EventLog
-from specedge_jax.spec.sampling import SamplingParams
 from specedge_jax.serving.drafter import EdgeRequest, RequestOutput
 
 BASELINES = ("autoregressive", "speculative")
@@ -36,8 +38,9 @@ class _Active:
   draft_slot: int | None
 
 
-def run_baseline(kind: str, target, requests: Sequence[EdgeRequest], *, max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0, draft=None,
+def run_baseline(kind: str, target: api.TargetEngineProtocol, requests: Sequence[EdgeRequest], *,
+                 max_new_tokens: int, sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                 draft: api.DraftEngineProtocol | None = None,
                  max_concurrent: int | None = None, event_log: EventLog | None = None,
                  event_tags: dict | None = None, client_id: str = "server",
                  on_progress: Callable[[RequestOutput], None] | None = None
@@ -57,7 +60,7 @@ def run_baseline(kind: str, target, requests: Sequence[EdgeRequest], *, max_new_
     raise ValueError("the speculative baseline needs a draft engine, the autoregressive one none")
   limit = min(target.max_batch_size, target.num_free_slots)
   if draft is not None:
-    limit = min(limit, draft.num_free_slots if hasattr(draft, "num_free_slots") else limit)
+    limit = min(limit, draft.num_free_slots)
   concurrent = min(max_concurrent or limit, limit)
   if concurrent < 1:
     raise ValueError("no free slot to serve from")
@@ -124,43 +127,30 @@ def run_baseline(kind: str, target, requests: Sequence[EdgeRequest], *, max_new_
     if not active:
       continue
     order = sorted(active)
-    step_start = time.time()
-    if draft is None:
-      results = target.decode([active[i].target_slot for i in order])
-      trees, draft_time = None, 0.0
-      t_forward = step_start
-    else:
-      trees = [draft.draft(active[i].draft_slot) for i in order]
-      for i in order:  # a no-op unless proactive drafting is on; the server has no wait to fill
-        draft.draft_proactive(active[i].draft_slot)
-      t_forward = time.time()
-      draft_time = t_forward - step_start
-      emit("server_batch", t_start=step_start, t_end=t_forward, op="draft",
-           batch_size=len(order), tokens=sum(len(t.tokens) for t in trees),
-           forward_time_s=draft_time, queue_time_s=0.0,
-           request_ids=[active[i].request.request_id for i in order])
-      results = target.verify([(active[i].target_slot, tree) for i, tree in zip(order, trees)])
-    t_end = time.time()
-    emit("server_batch", t_start=t_forward, t_end=t_end,
-         op="decode" if draft is None else "verify", batch_size=len(order),
-         tokens=len(order) if trees is None else sum(len(t.tokens) for t in trees),
-         forward_time_s=t_end - t_forward, queue_time_s=0.0,
-         request_ids=[active[i].request.request_id for i in order])
-    for lane, (index, result) in enumerate(zip(order, results)):
+    request_ids = [active[i].request.request_id for i in order]
+    step = run_round(target, [active[i].target_slot for i in order], draft=draft,
+                     draft_slots=[active[i].draft_slot for i in order] if draft else ())
+    speculative = draft is not None
+    if speculative:
+      emit("server_batch", t_start=step.t_start, t_end=step.t_drafted, op="draft",
+           batch_size=len(order), tokens=sum(step.tree_sizes), forward_time_s=step.draft_s,
+           queue_time_s=0.0, request_ids=request_ids)
+    emit("server_batch", t_start=step.t_drafted, t_end=step.t_end,
+         op="verify" if speculative else "decode", batch_size=len(order),
+         tokens=sum(step.tree_sizes), forward_time_s=step.verify_s, queue_time_s=0.0,
+         request_ids=request_ids)
+    for index, result, size, hit in zip(order, step.results, step.tree_sizes,
+                                        step.proactive_hits):
       state = active[index]
-      hit = None
-      if draft is not None:
-        hit = draft.commit(state.draft_slot, result)
       state.output.tokens.extend(result.emitted)
       state.output.steps += 1
-      if trees is not None:
+      if speculative:
         state.output.accepted_depths.append(len(result.accepted))
       emit("request_step", request_id=state.request.request_id, client_id=client_id,
-           n_tokens=len(result.emitted), draft_time_s=draft_time,
-           wait_time_s=t_end - t_forward,
-           tree_size=0 if trees is None else len(trees[lane].tokens) - 1,
-           accepted_depth=None if trees is None else len(result.accepted),
-           proactive_hit=hit, phase="decode" if trees is None else "verify")
+           n_tokens=len(result.emitted), draft_time_s=step.draft_s, wait_time_s=step.verify_s,
+           tree_size=size - 1 if speculative else 0,
+           accepted_depth=len(result.accepted) if speculative else None,
+           proactive_hit=hit, phase="verify" if speculative else "decode")
       if result.finished:
         finish(index, reason_of(result.emitted[-1] if result.emitted else -1, True))
   return outputs

@@ -49,8 +49,10 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
+from specedge_jax import api
+from specedge_jax.api import SamplingParams, VerifyResult
 from specedge_jax.measure.events import EventLog
-from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.serving import owner_thread
 from specedge_jax.serving.proto import specedge_pb2
 from specedge_jax.serving.proto import specedge_pb2_grpc
 
@@ -190,18 +192,7 @@ class EdgeDevice:
       self._resolve(job, result, error)
 
   def _resolve(self, job, result, error) -> None:
-    def resolve():
-      if job.future.done():
-        return
-      if error is not None:
-        job.future.set_exception(error)
-      else:
-        job.future.set_result(result)
-
-    try:
-      self._loop.call_soon_threadsafe(resolve)
-    except RuntimeError:  # loop closed during shutdown
-      pass
+    owner_thread.resolve(self._loop, job.future, result, error)
 
 
 class ServerError(RuntimeError):
@@ -218,19 +209,15 @@ class Drafter:
         outputs = await drafter.run(requests)
   """
 
-  def __init__(self, engine, channel: grpc.aio.Channel, config: DrafterConfig, *,
-               event_log: EventLog | None = None, event_tags: dict | None = None,
-               on_tokens: TokenCallback | None = None, make_result: Callable | None = None):
+  def __init__(self, engine: api.DraftEngineProtocol, channel: grpc.aio.Channel,
+               config: DrafterConfig, *, event_log: EventLog | None = None,
+               event_tags: dict | None = None, on_tokens: TokenCallback | None = None):
     self.engine = engine
     self.config = config
     self._stub = specedge_pb2_grpc.VerifierStub(channel)
     self._events = event_log
     self._tags = dict(event_tags or {})
     self._on_tokens = on_tokens
-    if make_result is None:
-      from specedge_jax.engine import VerifyResult  # pylint: disable=g-import-not-at-top
-      make_result = VerifyResult
-    self._make_result = make_result
     self._device: EdgeDevice | None = None
     self._turn: asyncio.Lock | None = None
 
@@ -378,7 +365,7 @@ class Drafter:
     wait_time = time.time() - sent
     if proactive_job is not None:
       EdgeDevice.cancel(proactive_job)
-    result = self._make_result(accepted=list(response.accepted_tokens),
+    result = VerifyResult(accepted=list(response.accepted_tokens),
                                bonus=int(response.bonus_token),
                                emitted=list(response.emitted_tokens),
                                finished=bool(response.finished))

@@ -88,14 +88,6 @@ class _EventTail:
         self.tokens += int(event["n_tokens"])
 
 
-def _log_tail(path: str, lines: int = 30) -> str:
-  try:
-    with open(path) as f:
-      return "".join(f.readlines()[-lines:])
-  except OSError:
-    return "(no log)"
-
-
 class ChildFailed(RuntimeError):
   pass
 
@@ -112,7 +104,7 @@ def _check(children: processes.ChildProcesses, logs: dict[str, str]) -> None:
   if failed:
     name, code = next(iter(failed.items()))
     raise ChildFailed(f"{name} exited with status {code}; the end of {logs[name]}:\n"
-                      f"{_log_tail(logs[name])}")
+                      f"{processes.log_tail(logs[name])}")
 
 
 def run_local(config: ServingConfig, options: LocalOptions,
@@ -224,7 +216,7 @@ def _wait_for_port(port_file: str, children, logs, timeout_s: float) -> int:
     _check(children, logs)
     if time.monotonic() > deadline:
       raise ChildFailed(f"the verifier did not start in {timeout_s:.0f} s; the end of "
-                        f"{logs['verifier']}:\n{_log_tail(logs['verifier'])}")
+                        f"{logs['verifier']}:\n{processes.log_tail(logs['verifier'])}")
     time.sleep(0.2)
   with open(port_file) as f:
     return int(f.read())

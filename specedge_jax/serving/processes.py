@@ -7,7 +7,8 @@ so a `kill -9` of the launcher leaves no orphans either).
 Parent side: `ChildProcesses` starts each child in its own session (own process group, so the
 terminal's Ctrl-C reaches only the parent, which then shuts the children down in order) and
 kills every group it started on exit, on SIGTERM, and from `atexit`. It signals only the groups
-it created, never processes by name.
+it created, never processes by name. `log_tail` reads the end of a child's log for the error
+message when a child fails.
 """
 
 from __future__ import annotations
@@ -128,3 +129,12 @@ class ChildProcesses:
 
 def python_module_argv(module: str, *flags: str) -> list[str]:
   return [sys.executable, "-m", module, *flags]
+
+
+def log_tail(path: str, lines: int = 30) -> str:
+  """The last `lines` lines of a child's log, for an error message; "(no log)" if unreadable."""
+  try:
+    with open(path) as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError:
+    return "(no log)"

@@ -19,9 +19,9 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from specedge_jax import engine as engine_lib
+from specedge_jax.engine import DraftEngine, TargetEngine
 from specedge_jax.measure.events import EventLog
-from specedge_jax.spec.sampling import SamplingParams
+from specedge_jax.api import SamplingParams
 from specedge_jax.serving import baselines
 from specedge_jax.serving import workload
 from specedge_jax.serving.serving_config import ServingConfig
@@ -46,81 +46,25 @@ def event_log(path: str | None, system: str) -> EventLog | None:
   return EventLog(path, system) if path else None
 
 
-def build_target_engine(config: ServingConfig, model=None):
-  """The verifier's engine, warmed up (every batch bucket and prefill chunk compiled)."""
-  from specedge_jax.engine import prefix_cache as prefill_cache  # pylint: disable=g-import-not-at-top
-
+def build_target_engine(config: ServingConfig, model=None) -> TargetEngine:
+  """The verifier's engine, warmed up (every batch bucket, prefill chunk and snapshot copy)."""
   model = model or load_model(config.models.target, config.models.dtype)
   server = config.server
-  engine_class = (prefill_cache.CachingTargetEngine if server.prefill_cache_entries
-                  else engine_lib.TargetEngine)
-  engine = engine_class(model, num_slots=server.num_slots, max_len=server.max_len,
+  engine = TargetEngine(model, num_slots=server.num_slots, max_len=server.max_len,
                         max_tree_nodes=config.max_tree_nodes,
                         max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk)
-  engine.warmup()
-  # warmup() compiles verify, decode and prefill; one real open compiles the rest of that path
-  # (first-token sampling), and for the prefill cache the snapshot copy in both directions.
-  slot, _, _ = engine.open([0], SamplingParams(), 0, 1)
-  if server.prefill_cache_entries:
-    snapshot = engine.export_prefill(slot)
-    engine.close(slot)
-    slot, _, _ = engine.open_from_prefill(snapshot, [0], SamplingParams(), 0, 1)
-  engine.close(slot)
+  engine.warmup(prefill_snapshots=server.prefill_cache_entries > 0)
   return engine
 
 
-def build_draft_engine(config: ServingConfig, num_slots: int | None = None, model=None):
+def build_draft_engine(config: ServingConfig, num_slots: int | None = None,
+                       model=None) -> DraftEngine:
+  """An edge's draft engine, warmed up."""
   model = model or load_model(config.models.draft, config.models.dtype)
-  engine = engine_lib.DraftEngine(model, num_slots=num_slots or config.edge.requests_per_drafter,
-                                  max_len=config.edge.max_len, tree=config.tree,
-                                  proactive=config.proactive)
-  warmup_draft_engine(engine)
+  engine = DraftEngine(model, num_slots=num_slots or config.edge.requests_per_drafter,
+                       max_len=config.edge.max_len, tree=config.tree, proactive=config.proactive)
+  engine.warmup()
   return engine
-
-
-def warmup_draft_engine(engine: engine_lib.DraftEngine) -> None:
-  """Compiles the draft engine's hot paths: both prefill chunk sizes, grow, proactive grow,
-  commit on a miss and (when proactive drafting is on) on a hit, and a re-rooted grow."""
-  for prompt_len in sorted({1, min(engine.chunk_sizes) + 1}):
-    slot = engine.open([0] * prompt_len, 0)
-    tree = engine.draft(slot)
-    engine.draft_proactive(slot)
-    result = engine_lib.VerifyResult(accepted=[], bonus=int(tree.tokens[0]),
-                                     emitted=[int(tree.tokens[0])], finished=False)
-    hit_result = _proactive_guess(engine, slot)
-    engine.commit(slot, hit_result or result)
-    engine.draft(slot)
-    engine.close(slot)
-
-
-def _proactive_guess(engine, slot: int) -> engine_lib.VerifyResult | None:
-  """A result that hits the slot's proactive guess, to compile the re-rooting path. Reads the
-  engine's session record; returns None if it does not look as expected (warm-up only)."""
-  try:
-    session = engine.session(slot)
-    proactive, inflight = session.proactive, session.inflight
-    if proactive is None or inflight is None:
-      return None
-    tokens = np.asarray(inflight.tokens)
-    parents = np.asarray(inflight.parents)
-    path, node = [], int(proactive.leaf)
-    while node > 0:
-      path.append(int(tokens[node]))
-      node = int(parents[node])
-    path.reverse()
-    if hasattr(proactive, "token"):  # one guessed bonus token
-      bonus = int(proactive.token)
-    else:  # several guessed bonus tokens: the children of the guessed node in the proactive tree
-      p_tokens, p_parents, p_valid = (np.asarray(a) for a in (
-          proactive.tree.tokens, proactive.tree.parents, proactive.tree.valid))
-      children = np.nonzero(p_valid & (p_parents == proactive.leaf_index))[0]
-      if not children.size:
-        return None
-      bonus = int(p_tokens[children[0]])
-    return engine_lib.VerifyResult(accepted=path, bonus=bonus, emitted=path + [bonus],
-                                   finished=False)
-  except (AttributeError, TypeError, ValueError):
-    return None
 
 
 async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port: int = 50051,

@@ -14,11 +14,35 @@ import json
 import os
 from typing import Any, Mapping
 
-from specedge_jax.engine import ProactiveParams, TreeParams
-from specedge_jax.spec.sampling import SamplingParams
-from specedge_jax.serving.verifier import BatchingConfig
+from specedge_jax.api import ProactiveParams, SamplingParams, TreeParams
 
 WORKLOAD_SOURCES = ("embedded", "c4", "mtbench", "oasst", "wikitext", "specbench")
+BATCHING_MODES = ("static", "dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+  """How the engine thread groups verify requests into one forward.
+
+  mode: 'dynamic' takes what is queued after at most `max_wait_ms`; 'static' waits for a full
+    batch (`max_batch_size`, or every active session) but at most `static_timeout_s`.
+  """
+
+  mode: str = "dynamic"
+  max_wait_ms: float = 0.0
+  static_timeout_s: float = 5.0
+
+  def __post_init__(self):
+    if self.mode not in BATCHING_MODES:
+      raise ValueError(f"batching mode must be one of {BATCHING_MODES}, got {self.mode!r}")
+    if not self.max_wait_ms >= 0:
+      raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+    if not self.static_timeout_s > 0:
+      raise ValueError(f"static_timeout_s must be > 0, got {self.static_timeout_s}")
+
+  def deadline_s(self) -> float:
+    return self.static_timeout_s if self.mode == "static" else self.max_wait_ms / 1000.0
+
 
 
 @dataclasses.dataclass(frozen=True)

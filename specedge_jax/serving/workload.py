@@ -13,14 +13,9 @@ from typing import Sequence
 from specedge_jax.data import assets
 from specedge_jax.data import datasets
 from specedge_jax.data import prompts
+from specedge_jax.data.tokenizers import load_tokenizer  # runners call workload.load_tokenizer
 from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import EdgeRequest
-
-
-def load_tokenizer(folder: str):
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top (heavy import)
-
-  return AutoTokenizer.from_pretrained(folder)
 
 
 def load_requests(config: ServingConfig, tokenizer=None) -> list[EdgeRequest]:

@@ -15,6 +15,8 @@ Draft cache layout for a request (one slot, rows):
 A node attends to the committed rows plus the rows of its own ancestors (and itself). RoPE
 positions are `root_position + depth`.
 
+Shapes: see specedge_jax/shapes.py (E beams per step, N tree nodes, C candidates, S rows).
+
 This module owns the growth algorithm. It never decides which rows are committed (the engine
 does) and never touches the verifier.
 """
@@ -63,17 +65,17 @@ def _forward_nodes(model, tree: tree_lib.Tree, cache: KVCache, beam, beam_live, 
   cache_row = tree.cache_row.at[beam_or_drop].set(beam_rows, mode="drop")
   rows = jnp.arange(cache.max_len, dtype=jnp.int32)
   row_owner = cache_row[:, None] == rows[None, :]  # [N, S]: node i lives at row s
-  ancestor_rows = jnp.einsum("bn,ns->bs", tree.ancestors[beam].astype(jnp.float32),
+  ancestor_rows = jnp.einsum("EN,NS->ES", tree.ancestors[beam].astype(jnp.float32),
                              row_owner.astype(jnp.float32)) > 0
-  mask = ((rows[None, :] < context_len) | ancestor_rows) & beam_live[:, None]  # [n_beams, S]
+  mask = ((rows[None, :] < context_len) | ancestor_rows) & beam_live[:, None]  # [E, S]
   logits, cache = model(tree.tokens[beam][None, :], (root_position + tree.depth[beam])[None, :],
                         mask[None], cache, slot[None], beam_rows[None, :])
-  log_probs = jax.nn.log_softmax(logits[0], axis=-1)  # [n_beams, V]
+  log_probs = jax.nn.log_softmax(logits[0], axis=-1)  # [E, V]
   # The barrier keeps XLA from merging the callers' `[:, :branch_width]` slices into the top_k:
-  # merged, XLA:CPU no longer matches its fast TopK kernel and sorts all [n_beams, V] instead
-  # (36 ms of a 45 ms grow step for 32 beams over a 4096 vocab; docs/notes/peers.md).
+  # merged, XLA:CPU no longer matches its fast TopK kernel and sorts all [E, V] instead, which
+  # then dominates a grow step (docs/notes/peers.md).
   top_logp, top_tokens = jax.lax.optimization_barrier(
-      jax.lax.top_k(log_probs, tree.num_child_candidates))  # [n_beams, C]
+      jax.lax.top_k(log_probs, tree.num_child_candidates))  # [E, C]
   top_tokens = top_tokens.astype(jnp.int32)
   tree = tree.replace(
       expanded=tree.expanded.at[beam_or_drop].set(True, mode="drop"),
@@ -141,7 +143,7 @@ def _expand_step(model, state: GrowState, *, slot, context_len, root_position, b
   tree = state.tree
   # 1. Beams: the best valid nodes not yet expanded.
   candidate_score = jnp.where(tree.valid & ~tree.expanded, tree.score, tree_lib.NEG_INF)
-  beam_score, beam = jax.lax.top_k(candidate_score, n_beams)  # [n_beams]
+  beam_score, beam = jax.lax.top_k(candidate_score, n_beams)  # [E]
   beam_live = beam_score > tree_lib.NEG_INF
   # 2-3. Forward them; mark them expanded with their next-token candidates.
   tree, cache, top_logp, top_tokens = _forward_nodes(
@@ -255,8 +257,8 @@ def most_likely_end(tree: tree_lib.Tree, expected_depth: jax.Array) -> tuple[jax
 
   Verification ends at node n when the path to n is accepted and the target's token at n is
   none of n's children. The draft's own probabilities are poor judges of that: a small draft is
-  under-confident (the embedded one put 89% on "ends at the root" in trees where the target
-  always accepted at least one token). So the depth is calibrated on what the target did: the
+  under-confident (the embedded one bets on "ends at the root" even in trees where the target
+  always accepts at least one token). So the depth is calibrated on what the target did: the
   caller passes the running mean of accepted depths, and the guess is the best-scoring node at
   that depth (the tree's best path), or the deepest level short of it. Only expanded nodes with
   a bonus candidate qualify (run `expand_leaves` first).
@@ -330,8 +332,9 @@ def reroot_for_growth(tree: tree_lib.Tree, new_root: jax.Array, *, budget,
   Why the re-admission: the proactive tree was grown under its own small budget, shared among
   several bonus guesses, so the nodes of the one guess that hit were expanded but lost most of
   their children to the budget. `grow` forwards only unexpanded nodes, so without this step it
-  could not give them children again: measured on the embedded pair, a tree that followed a hit
-  had 3 nodes on average (33 when grown fresh) and emitted 1.2 tokens per step (3.4 fresh).
+  could not give them children again, and the trees that followed a hit were a fraction of a
+  fresh tree's size and emitted far fewer tokens per step (WORKSPACE_NOTES.md, "A hit re-admits
+  the candidates ...").
   The stored candidates (`child_tokens`, `child_logp`) re-enter exactly as a growth step would
   have scored them, `score + log 0.9 + log p`, under the main tree's `budget` and
   `branch_width`; no draft forward is needed.

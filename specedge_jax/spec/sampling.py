@@ -1,41 +1,21 @@
 """Sampling parameters and the target-side token sampler.
 
-`SamplingParams` is what a user asks for. `sample_tokens` draws one token per position from
-temperature / top-k / top-p processed logits, with each batch lane carrying its own parameters
-as arrays, so one compiled function serves greedy and sampled requests mixed in a batch.
+`SamplingParams` (defined in `specedge_jax.api`) is what a user asks for. `sample_tokens` draws
+one token per position from temperature / top-k / top-p processed logits, with each batch lane
+carrying its own parameters as arrays, so one compiled function serves greedy and sampled requests mixed in a batch.
 
 Temperature 0 means greedy (argmax). Top-k 0 and top-p 1 mean "off".
+
+Shapes: see specedge_jax/shapes.py.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  temperature: float = 0.0
-  top_p: float = 1.0
-  top_k: int = 0
-
-  def __post_init__(self):
-    if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
-      raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
-
-
-GREEDY = SamplingParams()
+from specedge_jax.api import GREEDY, SamplingParams
 
 
 def stack_params(params: list[SamplingParams]) -> dict[str, np.ndarray]:

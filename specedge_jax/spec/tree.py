@@ -11,6 +11,8 @@ draft model), `cache_row` (where its draft key/value lives), and `child_tokens` 
 (the draft's best next tokens at an expanded node, kept for proactive drafting). The verifier
 gets only tokens and parents (`wire_arrays`) and rebuilds depth and ancestors itself.
 
+Shapes: see specedge_jax/shapes.py (N tree nodes, C next-token candidates per node).
+
 This module never calls a model and never touches a cache.
 """
 
@@ -147,40 +149,3 @@ def wire_arrays(tree: Tree) -> tuple[np.ndarray, np.ndarray]:
   count = int(valid.sum())
   return (np.asarray(tree.tokens)[:count].astype(np.int32),
           np.asarray(tree.parents)[:count].astype(np.int32))
-
-
-def validate_wire_tree(tokens: np.ndarray, parents: np.ndarray, *, max_nodes: int,
-                       vocab_size: int) -> None:
-  """Raises ValueError, naming the problem, unless (tokens, parents) is a well-formed tree.
-
-  Well-formed: 1..max_nodes nodes, equal lengths, parents[0] == -1, 0 <= parents[i] < i,
-  tokens in [0, vocab_size), and no two siblings with the same token (the accepted path must be
-  unique).
-  """
-  tokens = np.asarray(tokens)
-  parents = np.asarray(parents)
-  n = tokens.shape[0]
-  if tokens.ndim != 1 or parents.ndim != 1:
-    raise ValueError("tree tokens and parents must be 1-D")
-  if n == 0:
-    raise ValueError("tree is empty: it needs at least the root")
-  if n > max_nodes:
-    raise ValueError(f"tree has {n} nodes; this verifier accepts at most {max_nodes}")
-  if parents.shape[0] != n:
-    raise ValueError(f"tree has {n} tokens but {parents.shape[0]} parents")
-  if parents[0] != -1:
-    raise ValueError(f"root parent must be -1, got {int(parents[0])}")
-  idx = np.arange(1, n)
-  bad = np.nonzero((parents[1:] < 0) | (parents[1:] >= idx))[0]
-  if bad.size:
-    i = int(bad[0]) + 1
-    raise ValueError(f"node {i} has parent {int(parents[i])}; parents must precede their "
-                     "children (0 <= parent < index)")
-  bad = np.nonzero((tokens < 0) | (tokens >= vocab_size))[0]
-  if bad.size:
-    i = int(bad[0])
-    raise ValueError(f"node {i} has token {int(tokens[i])} outside the vocabulary "
-                     f"[0, {vocab_size})")
-  pairs = parents.astype(np.int64) * (vocab_size + 1) + tokens
-  if np.unique(pairs[1:]).size != n - 1:
-    raise ValueError("two sibling nodes carry the same token; siblings must be distinct")

@@ -1,4 +1,4 @@
-"""Server-side verification and prefill: pure jitted functions over the slot KV cache.
+"""Server-side tree verification: a pure jitted function over the slot KV cache.
 
 `verify` checks B requests' trees in one target forward. For lane b, the tree's node i is
 written to cache row `prefix_len[b] + i` at RoPE position `prefix_len[b] + depth[i]`, and
@@ -15,6 +15,8 @@ jitted call, with the cache donated.
 
 Padded lanes have `num_nodes = 0`: all their writes go to `DROP_ROW` and their compaction length
 is 0, so they touch no live slot (their reads of slot 0 are discarded).
+
+Shapes: see specedge_jax/shapes.py.
 
 This module never decides slots, lengths or EOS; `engine.TargetEngine` does.
 """
@@ -102,29 +104,3 @@ def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, 
   """
   return _verify_impl(graphdef, model_state, cache, slots, prefix_len, tokens, parents,
                       num_nodes, temperature, top_p, top_k, seeds, steps)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill_chunk(graphdef, model_state, cache: kv.KVCache, slot, tokens, start, count):
-  """Writes `count` tokens (of a fixed-size chunk) at rows start.. of `slot`, causally.
-
-  The chunk size is the static shape (the engine uses a few bucketed sizes), so prompts of any
-  length reuse the same compiled function. Rows before `start` are the already-written prefix.
-
-  Args:
-    slot: int32 scalar; tokens: [C] int32 (padded); start, count: int32 scalars.
-
-  Returns:
-    (cache, logits [V] at the last valid token of the chunk).
-  """
-  model = nnx.merge(graphdef.graphdef, model_state)
-  chunk = tokens.shape[0]
-  max_len = cache.max_len
-  offset = jnp.arange(chunk, dtype=jnp.int32)
-  live = offset < count
-  positions = start + offset
-  write_rows = jnp.where(live, positions, kv.DROP_ROW)
-  mask = jnp.arange(max_len)[None, :] <= positions[:, None]
-  logits, cache = model(tokens[None], positions[None], mask[None], cache, slot[None],
-                        write_rows[None], logits_at=jnp.maximum(count - 1, 0)[None, None])
-  return cache, logits[0, 0]

@@ -4,19 +4,23 @@ The fake target's greedy continuation of token t is `successor(t) = (3 t + 1) mo
 request's output is the chain successor(p), successor(successor(p)), ... from its last prompt
 token p. The fake draft proposes the true chain to a fixed depth and a wrong sibling at every
 level, so each verification accepts exactly `correct_depth` nodes (until max_new_tokens cuts).
-Both follow the `specedge_jax.engine` contract: slots, SlotsExhausted, validate_tree, EOS and
-max_new_tokens handling, VerifyResult fields.
+Both implement the engine contract (`specedge_jax.api`: `TargetEngineProtocol` and
+`DraftEngineProtocol`): slots, SlotsExhausted, EOS and max_new_tokens handling, VerifyResult
+fields, prefill snapshots. The type check in the suite holds them to it, and they load no JAX.
+Each asserts that only one thread ever calls it, as the contract demands.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from typing import Sequence
 
 import numpy as np
 
-from specedge_jax.spec import tree as tree_lib
-from specedge_jax.engine import DraftTree, SlotsExhausted, VerifyResult
+from specedge_jax import api
+from specedge_jax.api import DraftTree, SamplingParams, SlotsExhausted, VerifyResult
 
 
 def successor(token: int, vocab_size: int) -> int:
@@ -34,14 +38,27 @@ def expected_output(prompt_ids, max_new_tokens: int, vocab_size: int,
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeSnapshot:
+  """The fake's prefill snapshot: its prompt is all a fake session needs."""
+
+  prompt_ids: tuple[int, ...]
+
+  def nbytes(self) -> int:
+    return 0
+
+
 class FakeTargetEngine:
   """Deterministic target: successor() is always the target's token."""
 
-  def __init__(self, *, vocab_size=50, num_slots=4, max_len=256, max_tree_nodes=16,
-               max_batch_size=4, eos_token_ids=(), forward_delay_s=0.0, open_delay_s=0.0):
+  def __init__(self, *, vocab_size: int = 50, num_slots: int = 4, max_len: int = 256,
+               max_tree_nodes: int = 16, max_batch_size: int = 4,
+               eos_token_ids: Sequence[int] = (), forward_delay_s: float = 0.0,
+               open_delay_s: float = 0.0):
     self.vocab_size, self.num_slots, self.max_len = vocab_size, num_slots, max_len
     self.max_tree_nodes, self.max_batch_size = max_tree_nodes, max_batch_size
     self.eos_token_ids = frozenset(eos_token_ids)
+    self.last_forward_s = 0.0
     self.forward_delay_s, self.open_delay_s = forward_delay_s, open_delay_s
     self._free = list(range(num_slots))
     self._sessions: dict[int, dict] = {}
@@ -60,17 +77,13 @@ class FakeTargetEngine:
   def num_free_slots(self) -> int:
     return len(self._free)
 
-  def validate_tree(self, tree: DraftTree) -> None:
-    self._check_thread()
-    tree_lib.validate_wire_tree(tree.tokens, tree.parents, max_nodes=self.max_tree_nodes,
-                                vocab_size=self.vocab_size)
-
-  def open(self, prompt_ids, sampling, seed, max_new_tokens):
+  def open(self, prompt_ids: Sequence[int], sampling: SamplingParams, seed: int,
+           max_new_tokens: int) -> tuple[int, int, bool]:
     self._check_thread()
     if not prompt_ids:
       raise ValueError("prompt must be a non-empty list of token ids")
-    if len(prompt_ids) + max_new_tokens + self.max_tree_nodes > self.max_len:
-      raise ValueError("prompt too long")
+    api.check_cache_room(len(prompt_ids), max_new_tokens, max_tree_nodes=self.max_tree_nodes,
+                         max_len=self.max_len)
     if not self._free:
       raise SlotsExhausted(f"all {self.num_slots} slots are busy")
     slot = self._free.pop(0)
@@ -80,10 +93,21 @@ class FakeTargetEngine:
     first = successor(prompt_ids[-1], self.vocab_size)
     finished = first in self.eos_token_ids or max_new_tokens == 1
     self._sessions[slot] = dict(root=first, generated=1, max_new=max_new_tokens,
-                                finished=finished)
+                                finished=finished, prompt=tuple(int(t) for t in prompt_ids))
     return slot, first, finished
 
-  def close(self, slot):
+  def export_prefill(self, slot: int) -> FakeSnapshot:
+    self._check_thread()
+    return FakeSnapshot(prompt_ids=self._sessions[slot]["prompt"])
+
+  def open_from_prefill(self, snapshot: api.PrefillSnapshot, prompt_ids: Sequence[int],
+                        sampling: SamplingParams, seed: int,
+                        max_new_tokens: int) -> tuple[int, int, bool]:
+    if tuple(prompt_ids) != snapshot.prompt_ids:
+      raise ValueError("the snapshot belongs to a different prompt")
+    return self.open(prompt_ids, sampling, seed, max_new_tokens)
+
+  def close(self, slot: int) -> None:
     self._check_thread()
     if slot not in self._sessions:
       raise KeyError(f"no open session in slot {slot}")
@@ -91,7 +115,7 @@ class FakeTargetEngine:
     self._free.append(slot)
     self._free.sort()
 
-  def verify(self, requests):
+  def verify(self, requests: Sequence[tuple[int, DraftTree]]) -> list[VerifyResult]:
     self._check_thread()
     assert 1 <= len(requests) <= self.max_batch_size, len(requests)
     assert len({slot for slot, _ in requests}) == len(requests), "a slot twice in one batch"
@@ -100,11 +124,10 @@ class FakeTargetEngine:
       time.sleep(self.forward_delay_s)
     return [self._verify_one(slot, tree) for slot, tree in requests]
 
-  def decode(self, slots):
-    return self.verify([(s, DraftTree(np.array([self._sessions[s]["root"]], np.int32),
-                                      np.array([-1], np.int32))) for s in slots])
+  def decode(self, slots: Sequence[int]) -> list[VerifyResult]:
+    return self.verify([(s, DraftTree.root_only(self._sessions[s]["root"])) for s in slots])
 
-  def _verify_one(self, slot, tree):
+  def _verify_one(self, slot: int, tree: DraftTree) -> VerifyResult:
     session = self._sessions[slot]
     assert not session["finished"], f"slot {slot} already finished"
     tokens, parents = list(tree.tokens), list(tree.parents)
@@ -139,7 +162,8 @@ class FakeDraftEngine:
   draft_proactive ran for that tree (the fake's stand-in for guessing the bonus right).
   """
 
-  def __init__(self, *, vocab_size=50, num_slots=2, correct_depth=2, proactive=False):
+  def __init__(self, *, vocab_size: int = 50, num_slots: int = 2, correct_depth: int = 2,
+               proactive: bool = False):
     self.vocab_size, self.num_slots = vocab_size, num_slots
     self.correct_depth, self.proactive = correct_depth, proactive
     self._free = list(range(num_slots))
@@ -153,7 +177,11 @@ class FakeDraftEngine:
       self._owner = current
     assert self._owner is current, "DraftEngine called from two threads"
 
-  def open(self, prompt_ids, first_token):
+  @property
+  def num_free_slots(self) -> int:
+    return len(self._free)
+
+  def open(self, prompt_ids: Sequence[int], first_token: int) -> int:
     self._check_thread()
     if not self._free:
       raise SlotsExhausted("all draft slots are busy")
@@ -162,7 +190,7 @@ class FakeDraftEngine:
     self.calls.append(("open", slot))
     return slot
 
-  def draft(self, slot):
+  def draft(self, slot: int) -> DraftTree:
     self._check_thread()
     session = self._sessions[slot]
     self.calls.append(("draft", slot))
@@ -181,13 +209,13 @@ class FakeDraftEngine:
     session.update(inflight=tree, proactive_done=False)
     return tree
 
-  def draft_proactive(self, slot):
+  def draft_proactive(self, slot: int) -> None:
     self._check_thread()
     self.calls.append(("proactive", slot))
     if self.proactive:
       self._sessions[slot]["proactive_done"] = True
 
-  def commit(self, slot, result):
+  def commit(self, slot: int, result: VerifyResult) -> bool | None:
     self._check_thread()
     session = self._sessions[slot]
     assert session["inflight"] is not None, "commit without a tree in flight"
@@ -196,7 +224,7 @@ class FakeDraftEngine:
     session.update(root=result.bonus, inflight=None, proactive_done=False)
     return hit if self.proactive else None
 
-  def close(self, slot):
+  def close(self, slot: int) -> None:
     self._check_thread()
     del self._sessions[slot]
     self._free.append(slot)

@@ -25,18 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from specedge_jax.data import datasets
+from specedge_jax.data.tokenizers import load_tokenizer
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.training import recipe as training
 from specedge_jax.models.transformer import Transformer, causal_mask
 
-EVAL_DATASETS = {"c4": "c4_prompts.json", "mtbench": "mtbench_prompts.json"}
+EVAL_DATASETS = {name: datasets.DATASET_FILES[name] for name in ("c4", "mtbench")}
 
 
 def load_eval_prompts(dataset_dir: str, name: str) -> list[str]:
   """Prompt texts of a held-out set. mtbench's `[INST]q[/INST]` becomes our chat template."""
   if name not in EVAL_DATASETS:
     raise ValueError(f"unknown evaluation set {name!r}; expected one of {tuple(EVAL_DATASETS)}")
-  texts = training.read_prompt_rows(os.path.join(dataset_dir, EVAL_DATASETS[name]))
+  texts = datasets.read_index_text_rows(os.path.join(dataset_dir, EVAL_DATASETS[name]))
   if name == "mtbench":
     out = []
     for text in texts:
@@ -186,7 +188,7 @@ def evaluate_pair(target_dir: str, draft_dir: str, dataset_dir: str, *, seq_len:
   """All figures for the HF folders of a target and a draft sharing one tokenizer."""
   from specedge_jax.checkpoints import hf as checkpoint
 
-  tokenizer = training.load_tokenizer(target_dir)
+  tokenizer = load_tokenizer(target_dir)
   target = checkpoint.load_hf_model(target_dir)
   draft = checkpoint.load_hf_model(draft_dir)
   report: dict = {"loss": {}, "perplexity": {}, "agreement": {}}

@@ -42,6 +42,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.data import datasets
+from specedge_jax.data.tokenizers import load_tokenizer
 from specedge_jax.models.model_config import ModelConfig
 from specedge_jax.models.transformer import Transformer, causal_mask, count_parameters
 
@@ -113,11 +115,6 @@ def save_tokenizer(tokenizer, folder: str) -> None:
     json.dump(tokenizer_config, f, indent=2)
 
 
-def load_tokenizer(folder: str):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(folder)
-
-
 def special_token_ids(tokenizer) -> dict[str, int]:
   ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
   if any(i is None or i == tokenizer.unk_token_id for i in ids.values()):
@@ -128,7 +125,7 @@ def special_token_ids(tokenizer) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 # Corpus
 
-TRAINING_DATASETS = {"wikitext": "wikitext_prompts.json", "oasst": "oasst_prompts.json"}
+TRAINING_DATASETS = {name: datasets.DATASET_FILES[name] for name in ("wikitext", "oasst")}
 # Benchmark sets the trained models are evaluated on: never read for training.
 HELD_OUT_DATASETS = ("c4", "mtbench", "specbench")
 
@@ -137,22 +134,6 @@ HELD_OUT_DATASETS = ("c4", "mtbench", "specbench")
 class Document:
   source: str  # "wikitext", "oasst" or "pydoc"
   text: str
-
-
-def read_prompt_rows(path: str) -> list[str]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"training text {path} does not exist (check --dataset_dir)")
-  with open(path) as f:
-    try:
-      rows = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from e
-  texts = []
-  for i, row in enumerate(rows):
-    if not (isinstance(row, list) and len(row) == 2 and isinstance(row[1], str)):
-      raise ValueError(f"{path} row {i} is not an [index, text] pair")
-    texts.append(row[1])
-  return texts
 
 
 # The oasst rows open with the stock Llama-2 system prompt (note the file's malformed closing
@@ -183,12 +164,14 @@ def llama2_chat_to_messages(text: str) -> list[tuple[str, str]]:
 
 def _wikitext_documents(dataset_dir: str) -> list[Document]:
   return [Document("wikitext", text.strip()) for text in
-          read_prompt_rows(os.path.join(dataset_dir, TRAINING_DATASETS["wikitext"]))]
+          datasets.read_index_text_rows(os.path.join(dataset_dir,
+                                                     TRAINING_DATASETS["wikitext"]))]
 
 
 def _oasst_documents(dataset_dir: str) -> list[Document]:
   docs = []
-  for text in read_prompt_rows(os.path.join(dataset_dir, TRAINING_DATASETS["oasst"])):
+  for text in datasets.read_index_text_rows(os.path.join(dataset_dir,
+                                                        TRAINING_DATASETS["oasst"])):
     messages = llama2_chat_to_messages(text)
     if messages:
       docs.append(Document("oasst", format_chat(messages)))
@@ -424,12 +407,6 @@ def evaluate_loss(model: Transformer, stream: np.ndarray, seq_len: int,
   return total / (len(all_windows) * seq_len)
 
 
-def parameter_count(model_config: ModelConfig) -> int:
-  """Parameters of a model of this config, counted without allocating it."""
-  return count_parameters(nnx.state(
-      nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))), nnx.Param))
-
-
 @dataclasses.dataclass
 class TrainResult:
   model: Transformer
@@ -601,7 +578,7 @@ def run_recipe(recipe: RecipeConfig, work_dir: str, target_out: str, draft_out: 
   teacher = None
   for name, model_config, train_config in (("target", target_config, recipe.target_train),
                                            ("draft", draft_config, recipe.draft_train)):
-    echo(f"{name}: {parameter_count(model_config)} parameters")
+    echo(f"{name}: {count_parameters(model_config)} parameters")
     result = train_model(
         model_config, train_stream, train_config, os.path.join(work_dir, f"{name}_checkpoints"),
         teacher=teacher if train_config.distill_weight > 0 else None,

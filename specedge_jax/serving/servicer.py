@@ -1,0 +1,326 @@
+"""The `specedge.v1.Verifier` gRPC handlers: the session table and the validation of every field.
+
+What this module owns: the servicer (`VerifierServicer`), its session table, the validation of
+every request field before anything reaches the engine, the mapping of engine errors to gRPC
+statuses, and the idle-session reaper. It loads no JAX: it knows the engine only through its
+limits (`EngineLimits`) and hands work to the engine thread (`engine_worker.EngineWorker`).
+
+Threads: the handlers run on the asyncio event-loop thread, which alone reads and writes the
+session table, so the table needs no lock. Each handler validates a request, turns it into a job
+for the engine thread and awaits its future. Backpressure: each session has at most one verify
+in flight (a second one is FAILED_PRECONDITION), so pending verifies never exceed the number of
+slots; opens are refused with RESOURCE_EXHAUSTED here, before they queue, when sessions plus
+opens in flight fill every slot (the engine's own `SlotsExhausted` stays as the backstop).
+Sessions idle longer than `session_timeout_s` are closed by the reaper. Tokenizing a text prompt
+runs on the loop thread (HF fast tokenizers are Rust; short prompts take well under a
+millisecond).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from specedge_jax import api
+from specedge_jax.api import DraftTree, SamplingParams
+from specedge_jax.serving.engine_worker import (EngineWorker, OpenResult, RequestError, VerifyOutcome,
+                                                _CloseJob, _Job, _OpenJob, _VerifyJob)
+from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
+
+_log = logging.getLogger(__name__)
+
+_MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+  """What the servicer must know about the engine to validate requests without calling it."""
+
+  vocab_size: int
+  num_slots: int
+  max_tree_nodes: int  # root included
+  max_batch_size: int
+  max_len: int
+
+  @classmethod
+  def of(cls, engine: api.TargetEngineProtocol) -> "EngineLimits":
+    return cls(vocab_size=int(engine.vocab_size), num_slots=int(engine.num_slots),
+               max_tree_nodes=int(engine.max_tree_nodes),
+               max_batch_size=int(engine.max_batch_size), max_len=int(engine.max_len))
+
+
+@dataclasses.dataclass
+class _Session:
+  session_id: str
+  slot: int
+  request_id: str
+  client_id: str
+  prompt_tokens: int
+  max_new_tokens: int
+  last_token: int  # the root the next tree must carry
+  generated: int = 1  # the first token
+  finished: bool = False
+  broken: str = ""  # why the session can no longer be served, if it cannot
+  verify_in_flight: bool = False
+  last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def finish_reason(emitted: Sequence[int], finished: bool, eos_token_ids: Sequence[int]) -> str:
+  if not finished:
+    return ""
+  return "eos" if emitted and emitted[-1] in eos_token_ids else "length"
+
+
+
+class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
+  """The `specedge.v1.Verifier` handlers. Runs on the event loop; see the module docstring."""
+
+  def __init__(self, worker: EngineWorker, limits: EngineLimits, *, tokenizer=None,
+               eos_token_ids: Sequence[int] = ()):
+    self._worker = worker
+    self._limits = limits
+    self._tokenizer = tokenizer
+    self._eos_token_ids = tuple(int(t) for t in eos_token_ids)
+    self.sessions: dict[str, _Session] = {}
+    self._opens_in_flight = 0
+
+  # -- helpers -----------------------------------------------------------------------------------
+
+  async def _run_job(self, job: _Job):
+    """Submits a job and waits for its result. The job's result is applied even if the RPC is
+    cancelled meanwhile (the future is shielded), so session state never diverges from the
+    engine's."""
+    self._worker.submit(job)
+    return await asyncio.shield(job.future)
+
+  def _session(self, session_id: str) -> _Session:
+    if not session_id:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+    session = self.sessions.get(session_id)
+    if session is None:
+      raise RequestError(grpc.StatusCode.NOT_FOUND,
+                         f"no open session {session_id!r} (never opened, closed, or reaped)")
+    return session
+
+  def _prompt_ids(self, request: specedge_pb2.OpenSessionRequest) -> tuple[tuple[int, ...], bool]:
+    has_text, has_ids = bool(request.prompt_text), len(request.prompt_token_ids) > 0
+    if has_text == has_ids:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         "give exactly one of prompt_text and prompt_token_ids "
+                         f"(got {'both' if has_text else 'neither'})")
+    if has_text:
+      if self._tokenizer is None:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "this verifier has no tokenizer; send prompt_token_ids")
+      ids = tuple(int(t) for t in self._tokenizer.encode(request.prompt_text))
+      if not ids:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_text tokenizes to nothing")
+    else:
+      ids = tuple(request.prompt_token_ids)
+    bad = [t for t in ids if not 0 <= t < self._limits.vocab_size]
+    if bad:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"prompt token ids {bad[:5]} are outside the vocabulary "
+                         f"[0, {self._limits.vocab_size})")
+    return ids, has_text
+
+  def _sampling(self, request: specedge_pb2.OpenSessionRequest) -> SamplingParams:
+    proto = request.sampling
+    top_p = proto.top_p if proto.HasField("top_p") else 1.0
+    try:
+      return SamplingParams(temperature=float(proto.temperature), top_p=float(top_p),
+                            top_k=int(proto.top_k))
+    except ValueError as e:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from e
+
+  async def _guard(self, context: grpc.aio.ServicerContext, handler, *args):
+    """Runs a handler body; a RequestError becomes its gRPC status, anything else INTERNAL."""
+    try:
+      return await handler(*args)
+    except RequestError as e:
+      await context.abort(e.code, e.message)
+    except ValueError as e:  # the engine's own input checks
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except asyncio.CancelledError:
+      raise
+    except api.SlotsExhausted as e:
+      await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free slot: {e}")
+    except Exception as e:  # pylint: disable=broad-except
+      _log.exception("internal error")
+      await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+  # -- handlers ----------------------------------------------------------------------------------
+
+  async def OpenSession(self, request, context):
+    return await self._guard(context, self._open_session, request)
+
+  async def Verify(self, request, context):
+    return await self._guard(context, self._verify, request)
+
+  async def CloseSession(self, request, context):
+    return await self._guard(context, self._close_session, request)
+
+  async def _open_session(self, request: specedge_pb2.OpenSessionRequest):
+    prompt_ids, from_text = self._prompt_ids(request)
+    sampling = self._sampling(request)
+    if not 0 <= request.seed <= _MAX_SEED:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"seed must be >= 0, got {request.seed}")
+    try:
+      api.check_cache_room(len(prompt_ids), int(request.max_new_tokens),
+                           max_tree_nodes=self._limits.max_tree_nodes,
+                           max_len=self._limits.max_len)
+    except ValueError as e:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+    if len(self.sessions) + self._opens_in_flight >= self._limits.num_slots:
+      raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"all {self._limits.num_slots} server slots are taken; retry later")
+    request_id = request.request_id or uuid.uuid4().hex
+    job = _OpenJob(future=self._new_future(), request_id=request_id, prompt_ids=prompt_ids,
+                   sampling=sampling, seed=int(request.seed),
+                   max_new_tokens=int(request.max_new_tokens))
+    self._opens_in_flight += 1
+    state = {"session": None, "abandoned": False}
+    job.future.add_done_callback(lambda future: self._open_done(job, request, state))
+    try:
+      opened: OpenResult = await self._run_job(job)
+    except asyncio.CancelledError:
+      # The caller is gone and will never learn the session id: free the slot once it exists.
+      state["abandoned"] = True
+      if state["session"] is not None:
+        self._abandon(state["session"])
+      raise
+    session = state["session"]
+    return specedge_pb2.OpenSessionResponse(
+        session_id=session.session_id, first_token=opened.first_token, finished=opened.finished,
+        prompt_tokens=len(prompt_ids), prompt_token_ids=prompt_ids if from_text else (),
+        finish_reason=finish_reason([opened.first_token], opened.finished, self._eos_token_ids),
+        timing=specedge_pb2.ServerTiming(queue_time_s=opened.queue_time_s,
+                                         forward_time_s=opened.forward_time_s, batch_size=1))
+
+  def _open_done(self, job: _OpenJob, request, state: dict) -> None:
+    """Registers a successful open (on the loop, even if the RPC was cancelled meanwhile)."""
+    self._opens_in_flight -= 1
+    if job.future.cancelled() or job.future.exception() is not None:
+      return
+    opened: OpenResult = job.future.result()
+    session = _Session(session_id=uuid.uuid4().hex, slot=opened.slot, request_id=job.request_id,
+                       client_id=request.client_id, prompt_tokens=len(job.prompt_ids),
+                       max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
+                       finished=opened.finished)
+    self.sessions[session.session_id] = session
+    state["session"] = session
+    if state["abandoned"]:
+      self._abandon(session)
+
+  def _abandon(self, session: _Session) -> None:
+    if self.sessions.pop(session.session_id, None) is not None:
+      self._worker.submit(_CloseJob(future=self._new_future(), request_id=session.request_id,
+                                    slot=session.slot))
+
+  async def _verify(self, request: specedge_pb2.VerifyRequest):
+    session = self._session(request.session_id)
+    if session.broken:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"session cannot continue ({session.broken}); close it")
+    if session.finished:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                         "session already finished; close it")
+    if session.verify_in_flight:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                         "a Verify for this session is already in flight")
+    tokens = np.asarray(request.tokens, np.int64)
+    parents = np.asarray(request.parents, np.int64)
+    if tokens.shape != parents.shape:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tokens ({tokens.size}) and parents ({parents.size}) differ in length")
+    if tokens.size + 1 > self._limits.max_tree_nodes:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tree has {tokens.size + 1} nodes (root included); this server "
+                         f"verifies at most {self._limits.max_tree_nodes}")
+    if not 0 <= request.root_token < self._limits.vocab_size:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"root_token {request.root_token} is outside the vocabulary "
+                         f"[0, {self._limits.vocab_size})")
+    out_of_vocab = np.flatnonzero((tokens < 0) | (tokens >= self._limits.vocab_size))
+    if out_of_vocab.size:
+      i = int(out_of_vocab[0])
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tokens[{i}] = {int(tokens[i])} is outside the vocabulary "
+                         f"[0, {self._limits.vocab_size})")
+    # Wire node i is tree index i + 1; its parent must be an earlier tree index.
+    bad_parent = np.flatnonzero((parents < 0) | (parents > np.arange(parents.size)))
+    if bad_parent.size:
+      i = int(bad_parent[0])
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"parents[{i}] = {int(parents[i])} must be in [0, {i}] (the root or an "
+                         "earlier node)")
+    if request.root_token != session.last_token:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"root_token {request.root_token} is not the session's last token "
+                         f"{session.last_token}; the client is out of sync")
+    tree = DraftTree(tokens=np.concatenate([[request.root_token], tokens]).astype(np.int32),
+                     parents=np.concatenate([[-1], parents]).astype(np.int32))
+    try:  # what the field checks above leave: distinct siblings
+      api.validate_tree(tree.tokens, tree.parents, max_nodes=self._limits.max_tree_nodes,
+                        vocab_size=self._limits.vocab_size)
+    except ValueError as e:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid tree: {e}") from e
+    job = _VerifyJob(future=self._new_future(), request_id=session.request_id, slot=session.slot,
+                     tree=tree)
+    session.verify_in_flight = True
+    session.last_used = time.monotonic()
+    job.future.add_done_callback(lambda future: self._verify_done(session, future))
+    outcome: VerifyOutcome = await self._run_job(job)
+    result = outcome.result
+    return specedge_pb2.VerifyResponse(
+        accepted_tokens=[int(t) for t in result.accepted], bonus_token=int(result.bonus),
+        emitted_tokens=[int(t) for t in result.emitted], finished=bool(result.finished),
+        finish_reason=finish_reason(result.emitted, result.finished, self._eos_token_ids),
+        timing=specedge_pb2.ServerTiming(queue_time_s=outcome.queue_time_s,
+                                         forward_time_s=outcome.forward_time_s,
+                                         batch_size=outcome.batch_size))
+
+  def _verify_done(self, session: _Session, future: asyncio.Future) -> None:
+    """Applies a verify's outcome to the session (on the loop, even if the RPC was cancelled)."""
+    session.verify_in_flight = False
+    session.last_used = time.monotonic()
+    if future.cancelled():
+      return
+    error = future.exception()
+    if error is None:
+      result = future.result().result
+      session.last_token = int(result.bonus)
+      session.generated += len(result.emitted)
+      session.finished = bool(result.finished)
+    elif isinstance(error, RequestError) and error.code == grpc.StatusCode.INTERNAL:
+      session.broken = error.message
+
+  async def _close_session(self, request: specedge_pb2.CloseSessionRequest):
+    session = self._session(request.session_id)
+    # Remove first: later calls see NOT_FOUND, and the slot counts as free for new opens, which
+    # the engine thread can only run after this close (its inbox is FIFO).
+    del self.sessions[session.session_id]
+    job = _CloseJob(future=self._new_future(), request_id=session.request_id, slot=session.slot)
+    await self._run_job(job)
+    return specedge_pb2.CloseSessionResponse(generated_tokens=session.generated)
+
+  def _new_future(self) -> asyncio.Future:
+    return asyncio.get_running_loop().create_future()
+
+  async def reap_idle_sessions(self, idle_timeout_s: float) -> list[str]:
+    """Closes sessions idle for longer than idle_timeout_s; returns their ids."""
+    now = time.monotonic()
+    stale = [s for s in self.sessions.values()
+             if not s.verify_in_flight and now - s.last_used > idle_timeout_s]
+    for session in stale:
+      _log.warning("closing session %s (request %s): idle for %.0f s", session.session_id,
+                   session.request_id, now - session.last_used)
+      self._abandon(session)
+    return [s.session_id for s in stale]
