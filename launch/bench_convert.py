@@ -17,13 +17,12 @@ import sys
 import tempfile
 
 import jax
-from absl import app
-from absl import flags
+from absl import app, flags
 from rich.console import Console
 from rich.table import Table
 
-from specedge_jax.checkpoints import hf as checkpoint
 from specedge_jax.bench import convert as convert_bench
+from specedge_jax.checkpoints import hf
 from specedge_jax.models.model_config import tiny_config
 
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Where to write the checkpoints (default: a "
@@ -111,7 +110,7 @@ def latency_table(console: Console) -> None:
     table.add_column(column, justify="left" if column == "model" else "right")
   for name, config in presets.items():
     with console.status(f"timing {name}"):
-      params = sum(int(x.size) for x in jax.tree.leaves(checkpoint.abstract_params(config)))
+      params = sum(int(x.size) for x in jax.tree.leaves(hf.abstract_params(config)))
       decode = convert_bench.forward_latency(config, 1, runs=_RUNS.value)
       tree = convert_bench.forward_latency(config, _TREE_TOKENS.value, runs=_RUNS.value)
     table.add_row(name, f"{params:,}",

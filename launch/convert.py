@@ -6,14 +6,19 @@ The conversion streams: one copy of the model, in the target dtype, is held at a
 result loads with `specedge_jax.checkpoints.orbax_io.load_model(out_dir)`.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TransferSpeedColumn)
+from rich.progress import (
+  BarColumn,
+  DownloadColumn,
+  Progress,
+  SpinnerColumn,
+  TextColumn,
+  TimeElapsedColumn,
+  TransferSpeedColumn,
+)
 
-from specedge_jax.checkpoints import hf as checkpoint
-from specedge_jax.checkpoints import orbax_io
+from specedge_jax.checkpoints import hf, orbax_io
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HF folder: config.json + *.safetensors.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output orbax checkpoint directory.")
@@ -28,7 +33,7 @@ def main(argv):
     raise app.UsageError("--hf_dir and --out_dir are required")
   console = Console(stderr=True)
   try:
-    entries = checkpoint.hf_tensor_entries(_HF_DIR.value)  # headers only: sizes for the bar
+    entries = hf.hf_tensor_entries(_HF_DIR.value)  # headers only: sizes for the bar
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -47,7 +52,7 @@ def main(argv):
       config = orbax_io.convert_hf(_HF_DIR.value, _OUT_DIR.value, _DTYPE.value,
                                    overwrite=_OVERWRITE.value, on_tensor=on_tensor,
                                    on_saving=on_saving)
-  except checkpoint.CheckpointError as e:
+  except hf.CheckpointError as e:
     console.print(f"[bold red]conversion failed:[/] {e}")
     raise SystemExit(1) from e
   console.print(f"wrote {config.model_type} ({config.num_layers} layers, {_DTYPE.value}) "

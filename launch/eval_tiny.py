@@ -10,8 +10,8 @@ import os
 
 from absl import app, flags
 
-from specedge_jax.training import evaluation as tiny_eval
 from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR
+from specedge_jax.training import evaluation as tiny_eval
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

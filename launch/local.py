@@ -15,8 +15,7 @@ import time
 from absl import app, flags
 
 from launch import serving_flags
-from specedge_jax.serving import local
-from specedge_jax.serving import processes
+from specedge_jax.serving import local, processes
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Run folder; default runs/local-<time>.")
 _VERIFIER_CPUS = flags.DEFINE_string("verifier_cpus", "", "Pin the verifier (and baselines).")

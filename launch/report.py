@@ -8,8 +8,7 @@ Every figure is defined in `specedge_jax/measure/metrics.py`.
 from absl import app, flags
 from rich.console import Console
 
-from specedge_jax.measure import metrics
-from specedge_jax.measure import report
+from specedge_jax.measure import metrics, report
 
 _EVENTS = flags.DEFINE_multi_string(
     "events", None, "Glob of JSONL event logs (repeatable); events group into runs by run_id, "

@@ -12,10 +12,8 @@ from rich.console import Console
 
 from launch import serving_flags
 from specedge_jax.measure import events as events_lib
-from specedge_jax.measure import metrics
-from specedge_jax.measure import report
-from specedge_jax.serving import baselines
-from specedge_jax.serving import runners
+from specedge_jax.measure import metrics, report
+from specedge_jax.serving import baselines, runners
 
 _BASELINE = flags.DEFINE_enum("baseline", "autoregressive", list(baselines.BASELINES),
                               "Which server-only system to run.")

@@ -19,8 +19,7 @@ from rich.console import Console
 
 from launch import serving_flags
 from specedge_jax.bench import sweep
-from specedge_jax.serving import local
-from specedge_jax.serving import processes
+from specedge_jax.serving import local, processes
 
 _CLIENTS = flags.DEFINE_list("clients", ["1", "2", "4"], "Drafters (edges) per grid point.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None,

@@ -14,8 +14,8 @@ import os
 
 from absl import app, flags, logging
 
-from specedge_jax.training import recipe as training
 from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR
+from specedge_jax.training import recipe as training
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

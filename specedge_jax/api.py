@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -199,6 +199,7 @@ class PrefillSnapshot(Protocol):
   def nbytes(self) -> int: ...
 
 
+@runtime_checkable
 class TargetEngineProtocol(Protocol):
   """The verifier's engine: the target model, its slot KV cache and per-session state.
 
@@ -207,13 +208,35 @@ class TargetEngineProtocol(Protocol):
   root-only tree per session). Every result already applies EOS and `max_new_tokens`.
   """
 
-  vocab_size: int
-  num_slots: int
-  max_len: int  # cache rows per slot
-  max_tree_nodes: int  # root included
-  max_batch_size: int  # sessions per verify call
-  eos_token_ids: frozenset[int]
-  last_forward_s: float  # wall time of the last device call (open, verify, decode)
+  # Read-only members, written as properties so that a plain attribute satisfies them too.
+  @property
+  def vocab_size(self) -> int: ...
+
+  @property
+  def num_slots(self) -> int: ...
+
+  @property
+  def max_len(self) -> int:
+    """Cache rows per slot."""
+    ...
+
+  @property
+  def max_tree_nodes(self) -> int:
+    """The largest tree verified, root included."""
+    ...
+
+  @property
+  def max_batch_size(self) -> int:
+    """Sessions per verify call."""
+    ...
+
+  @property
+  def eos_token_ids(self) -> frozenset[int]: ...
+
+  @property
+  def last_forward_s(self) -> float:
+    """Wall time of the last device call (open, verify, decode)."""
+    ...
 
   @property
   def num_free_slots(self) -> int: ...
@@ -229,12 +252,9 @@ class TargetEngineProtocol(Protocol):
     """Frees the slot; KeyError if no session is open there."""
     ...
 
-  def validate_tree(self, tree: DraftTree) -> None:
-    """ValueError unless the tree is well-formed for this engine (see `validate_tree`)."""
-    ...
-
   def verify(self, requests: Sequence[tuple[int, DraftTree]]) -> list[VerifyResult]:
-    """Verifies (slot, tree) pairs, at most max_batch_size, in one batched forward."""
+    """Verifies (slot, tree) pairs, at most max_batch_size, in one batched forward. Trees must
+    pass `validate_tree` (the caller validates: the servicer does, on the event loop)."""
     ...
 
   def decode(self, slots: Sequence[int]) -> list[VerifyResult]:
@@ -248,10 +268,12 @@ class TargetEngineProtocol(Protocol):
   def open_from_prefill(self, snapshot: PrefillSnapshot, prompt_ids: Sequence[int],
                         sampling: SamplingParams, seed: int,
                         max_new_tokens: int) -> tuple[int, int, bool]:
-    """Like `open`, but fills the prompt rows from a snapshot of the same prompt."""
+    """Like `open`, but fills the prompt rows from a snapshot of the same prompt (one this
+    engine exported; ValueError for any other)."""
     ...
 
 
+@runtime_checkable
 class DraftEngineProtocol(Protocol):
   """The edge's engine: the draft model, its cache and the speculation trees of its sessions."""
 

@@ -13,8 +13,7 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 
 # The random HF checkpoints are the library's test doubles; some tests import these names from here.
-from specedge_jax.testing.checkpoints import (  # noqa: E402,F401
-    HF_FAMILIES, make_hf_model, save_hf_model)
+from specedge_jax.testing.checkpoints import HF_FAMILIES, make_hf_model, save_hf_model  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +36,11 @@ def served_pair_dirs(tmp_path_factory):
   """HF folders {'target', 'draft'} of a tiny Qwen3 target and a close draft, with a byte-level
   BPE tokenizer trained on the embedded prompts (so the embedded prompt set and its chat template
   work): the pair that the process-level tests (local cluster, sweep) serve."""
-  import spec_models
-  from specedge_jax.checkpoints import hf as checkpoint
+  from specedge_jax.checkpoints import hf
   from specedge_jax.data import prompts
   from specedge_jax.training import recipe as training
+
+  import spec_models
 
   records = prompts.load_records()
   texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
@@ -51,7 +51,7 @@ def served_pair_dirs(tmp_path_factory):
   dirs = {}
   for name, model in (("target", target), ("draft", draft)):
     folder = str(root / name)
-    checkpoint.save_hf(folder, model.config, checkpoint.params_of(model))
+    hf.save_hf(folder, model.config, hf.params_of(model))
     training.save_tokenizer(tokenizer, folder)
     dirs[name] = folder
   return dirs

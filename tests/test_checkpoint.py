@@ -18,8 +18,7 @@ from absl.testing import flagsaver
 from safetensors.numpy import save_file
 
 from launch import convert
-from specedge_jax.checkpoints import hf as checkpoint
-from specedge_jax.checkpoints import orbax_io
+from specedge_jax.checkpoints import hf, orbax_io
 from specedge_jax.checkpoints.hf import CheckpointError
 from specedge_jax.models.model_config import tiny_config
 from specedge_jax.models.transformer import causal_mask
@@ -40,7 +39,7 @@ def hf_state(model, dtype=torch.float32) -> dict[str, np.ndarray]:
 
 def expected_params(config, state: dict[str, np.ndarray]) -> dict:
   """Our tree, built independently of `load_hf_params`: per-tensor rule lookup and np.stack."""
-  rules = checkpoint.active_rules(config)
+  rules = hf.active_rules(config)
   tree = {}
   for rule in rules:
     if rule.per_layer:
@@ -48,7 +47,7 @@ def expected_params(config, state: dict[str, np.ndarray]) -> dict:
       value = np.swapaxes(value, 1, 2) if rule.to_ours else value
     else:
       value = state[rule.hf].T if rule.to_ours else state[rule.hf]
-    checkpoint._set(tree, rule.ours, value)
+    hf._set(tree, rule.ours, value)
   return tree
 
 
@@ -106,7 +105,7 @@ def test_hf_to_orbax_round_trip_is_bit_identical(tiny_hf, tmp_path):
   folder, _, _, state = tiny_hf
   config = orbax_io.convert_hf(folder, tmp_path / "ckpt", "fp32")
   restored_config, restored = orbax_io.restore_params(tmp_path / "ckpt")
-  assert restored_config == config == checkpoint.hf_config(folder)
+  assert restored_config == config == hf.hf_config(folder)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
   assert_bit_identical(restored, expected_params(config, state))
   # The live models built from either source compute exactly the same logits.
@@ -132,7 +131,7 @@ def test_bf16_hf_checkpoint_reads_bit_exact(tiny_hf, tmp_path):
   _, model, config_json, _ = tiny_hf
   state = hf_state(model, torch.bfloat16)
   folder = write_hf(tmp_path / "hf", config_json, state)
-  config, params = checkpoint.load_hf_params(folder, dtype="bf16")
+  config, params = hf.load_hf_params(folder, dtype="bf16")
   assert_bit_identical(params, expected_params(config, state))
 
 
@@ -145,7 +144,7 @@ def test_tied_checkpoint_with_stored_head_copy(tmp_path):
   state = hf_state(model)
   state["lm_head.weight"] = state["model.embed_tokens.weight"].copy()
   folder = write_hf(tmp_path / "hf_with_head", config_json, state)
-  config, params = checkpoint.load_hf_params(folder)
+  config, params = hf.load_hf_params(folder)
   assert config.tie_word_embeddings and "lm_head" not in params
   del state["lm_head.weight"]
   assert_bit_identical(params, expected_params(config, state))
@@ -154,8 +153,8 @@ def test_tied_checkpoint_with_stored_head_copy(tmp_path):
 def test_sharded_folder_matches_single_file(tiny_hf, tmp_path):
   folder, _, config_json, state = tiny_hf
   sharded = write_hf(tmp_path / "sharded", config_json, state, shards=3)
-  assert len(checkpoint.hf_weight_files(sharded)) == 3
-  config, params = checkpoint.load_hf_params(sharded)
+  assert len(hf.hf_weight_files(sharded)) == 3
+  config, params = hf.load_hf_params(sharded)
   assert_bit_identical(params, expected_params(config, state))
   np.testing.assert_array_equal(logits_of(orbax_io.load_model(sharded)),
                                 logits_of(orbax_io.load_model(folder)))
@@ -173,19 +172,19 @@ def test_shards_that_disagree_with_their_index_name_the_tensor(tiny_hf, tmp_path
   with open(index_path, "w") as f:
     json.dump(index, f)
   with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
-    checkpoint.load_hf_params(sharded)
+    hf.load_hf_params(sharded)
   index["weight_map"][name] = "model-00009-of-00009.safetensors"
   with open(index_path, "w") as f:
     json.dump(index, f)
   with pytest.raises(CheckpointError, match="00009.*does not exist"):
-    checkpoint.load_hf_params(sharded)
+    hf.load_hf_params(sharded)
 
 
 def test_save_hf_round_trips_through_transformers(tiny_hf, tmp_path):
   """Export streams its own safetensors writer: safetensors, transformers and we must read it."""
   folder, model, _, state = tiny_hf
-  config, params = checkpoint.load_hf_params(folder)
-  checkpoint.save_hf(str(tmp_path / "export"), config, params)
+  config, params = hf.load_hf_params(folder)
+  hf.save_hf(str(tmp_path / "export"), config, params)
   import safetensors.numpy
   reread = safetensors.numpy.load_file(str(tmp_path / "export" / "model.safetensors"))
   assert set(reread) == set(state)
@@ -196,8 +195,8 @@ def test_save_hf_round_trips_through_transformers(tiny_hf, tmp_path):
   tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
   with torch.no_grad():
     np.testing.assert_array_equal(exported(tokens).logits.numpy(), model(tokens).logits.numpy())
-  checkpoint.save_hf(str(tmp_path / "export_bf16"), config, params, dtype="bf16")
-  _, bf16 = checkpoint.load_hf_params(str(tmp_path / "export_bf16"), dtype="bf16")
+  hf.save_hf(str(tmp_path / "export_bf16"), config, params, dtype="bf16")
+  _, bf16 = hf.load_hf_params(str(tmp_path / "export_bf16"), dtype="bf16")
   assert_bit_identical(bf16, jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16), params))
 
 
@@ -209,7 +208,7 @@ def test_orbax_save_does_not_copy_host_arrays(tmp_path):
   config = tiny_config("qwen3", vocab_size=512, hidden_size=256, intermediate_size=512,
                        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
   params = jax.tree.map(lambda a: np.ones(a.shape, np.float32),
-                        checkpoint.abstract_params(config))
+                        hf.abstract_params(config))
   total = sum(x.nbytes for x in jax.tree.leaves(params))
   tracemalloc.start()
   try:
@@ -236,7 +235,7 @@ def test_unknown_tensor_is_named(tiny_hf, tmp_path):
   def edit(state):
     state["model.layers.0.mlp.extra_proj.weight"] = np.zeros((4, 4), np.float32)
   with pytest.raises(CheckpointError, match=r"unknown tensor 'model\.layers\.0\.mlp\.extra_proj"):
-    checkpoint.load_hf_params(_broken(tmp_path, tiny_hf, edit))
+    hf.load_hf_params(_broken(tmp_path, tiny_hf, edit))
 
 
 def test_missing_tensor_is_named(tiny_hf, tmp_path):
@@ -244,7 +243,7 @@ def test_missing_tensor_is_named(tiny_hf, tmp_path):
     del state["model.layers.1.self_attn.k_norm.weight"]
   with pytest.raises(CheckpointError,
                      match=r"1 tensor\(s\) missing.*'model\.layers\.1\.self_attn\.k_norm\.weight'"):
-    checkpoint.load_hf_params(_broken(tmp_path, tiny_hf, edit))
+    hf.load_hf_params(_broken(tmp_path, tiny_hf, edit))
 
 
 def test_wrong_shape_is_named(tiny_hf, tmp_path):
@@ -252,14 +251,14 @@ def test_wrong_shape_is_named(tiny_hf, tmp_path):
     state["model.layers.1.self_attn.q_proj.weight"] = np.zeros((64, 31), np.float32)
   with pytest.raises(CheckpointError,
                      match=r"'model\.layers\.1\.self_attn\.q_proj\.weight' has shape \(64, 31\)"):
-    checkpoint.load_hf_params(_broken(tmp_path, tiny_hf, edit))
+    hf.load_hf_params(_broken(tmp_path, tiny_hf, edit))
 
 
 def test_layer_out_of_range_is_named(tiny_hf, tmp_path):
   def edit(state):
     state["model.layers.7.input_layernorm.weight"] = np.ones(32, np.float32)
   with pytest.raises(CheckpointError, match=r"'model\.layers\.7\.input_layernorm\.weight'.*range"):
-    checkpoint.load_hf_params(_broken(tmp_path, tiny_hf, edit))
+    hf.load_hf_params(_broken(tmp_path, tiny_hf, edit))
 
 
 def test_truncated_safetensors_file_is_reported(tiny_hf, tmp_path):
@@ -268,7 +267,7 @@ def test_truncated_safetensors_file_is_reported(tiny_hf, tmp_path):
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) - 100)
   with pytest.raises(CheckpointError, match=r"tensor '.*' in .*model\.safetensors: data_offsets"):
-    checkpoint.load_hf_params(folder)
+    hf.load_hf_params(folder)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -282,7 +281,7 @@ def test_malformed_config_json(tiny_hf, tmp_path, content, message):
   with open(os.path.join(folder, "config.json"), "w") as f:
     f.write(content)
   with pytest.raises(CheckpointError, match=message):
-    checkpoint.load_hf_params(folder)
+    hf.load_hf_params(folder)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import hf
 from specedge_jax.models.model_config import ModelConfig
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "hf")
@@ -41,7 +41,7 @@ def test_parameter_count_matches_transformers(name, tmp_path):
   # AutoConfig reads a folder's config.json; point it at a copy of ours.
   os.symlink(os.path.abspath(path), tmp_path / "config.json")
   config = ModelConfig.from_hf_folder(tmp_path)
-  abstract = checkpoint.abstract_params(config)
+  abstract = hf.abstract_params(config)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
   assert ours == transformers_count(str(tmp_path))

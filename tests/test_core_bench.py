@@ -4,9 +4,10 @@ every pass against target-only greedy, and reports what the speculative run acce
 
 import pytest
 
-import spec_models
-from specedge_jax.bench import core as core_bench
 from specedge_jax import engine as E
+from specedge_jax.bench import core as core_bench
+
+import spec_models
 
 VOCAB = 64
 

@@ -16,10 +16,10 @@ import torch
 import transformers
 from absl.testing import flagsaver
 
-from specedge_jax.checkpoints import hf as checkpoint
-from specedge_jax.training import recipe as training
+from specedge_jax.checkpoints import hf
 from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_PROMPTS, DEFAULT_TARGET_DIR
 from specedge_jax.models.transformer import causal_mask, count_parameters
+from specedge_jax.training import recipe as training
 
 MODEL_DIRS = {"target": DEFAULT_TARGET_DIR, "draft": DEFAULT_DRAFT_DIR}
 ATOL = 1e-4
@@ -50,7 +50,7 @@ def test_embedded_model_loads_in_transformers_and_ours_with_equal_logits(name, t
       [{"role": "user", "content": "Why is the sky blue?"}], tokenize=False,
       add_generation_prompt=True) + "The sky looks blue because"
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-  ours = checkpoint.load_hf_model(folder)
+  ours = hf.load_hf_model(folder)
   np.testing.assert_allclose(_our_logits(ours, ids), _hf_logits(folder, ids), atol=ATOL)
   # EOS: both the document end and the chat turn end stop generation.
   specials = training.special_token_ids(tokenizer)
@@ -60,8 +60,8 @@ def test_embedded_model_loads_in_transformers_and_ours_with_equal_logits(name, t
 
 
 def test_embedded_models_sizes_and_shared_tokenizer():
-  target = checkpoint.load_hf_model(DEFAULT_TARGET_DIR)
-  draft = checkpoint.load_hf_model(DEFAULT_DRAFT_DIR)
+  target = hf.load_hf_model(DEFAULT_TARGET_DIR)
+  draft = hf.load_hf_model(DEFAULT_DRAFT_DIR)
   assert target.config.model_type == draft.config.model_type == "qwen3"
   assert 3e6 <= count_parameters(target) <= 10e6
   assert 0.3e6 <= count_parameters(draft) <= 1.5e6
@@ -174,7 +174,7 @@ def test_train_tiny_end_to_end_and_exact_resume(toy_dataset_dir, tmp_path):
   folder = os.path.join(stopped, "draft")
   tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   ids = tokenizer("What is a lambda?", add_special_tokens=False)["input_ids"]
-  np.testing.assert_allclose(_our_logits(checkpoint.load_hf_model(folder), ids),
+  np.testing.assert_allclose(_our_logits(hf.load_hf_model(folder), ids),
                              _hf_logits(folder, ids), atol=ATOL)
 
 

@@ -12,7 +12,6 @@ ALPHA = 0.001 (cells with expected count < 5 merged), with fixed seeds so runs a
     both follow the target's exact 3-token distribution.
 """
 
-import functools
 import itertools
 
 import chex
@@ -27,9 +26,9 @@ from scipy import stats
 from specedge_jax import engine as E
 from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
+from specedge_jax.models.transformer import causal_mask, split_model
 from specedge_jax.spec import sampling
 from specedge_jax.spec import verify as verify_lib
-from specedge_jax.models.transformer import causal_mask, split_model
 
 import spec_models
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from specedge_jax.measure import events as events_lib
-from specedge_jax.measure import metrics
-from specedge_jax.measure import report
+from specedge_jax.measure import metrics, report
 
 # Run "spec" (system specedge), wall [100, 103] = 3 s.
 # r1 (edge c0, qa):  start 100; steps 100.5 n3 d2 | 101.0 n2 d1 hit | 102.0 n4 d3 miss

@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import HF_FAMILIES
 
-from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import hf
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.transformer import causal_mask
-
-from conftest import HF_FAMILIES
 
 ATOL = 1e-4
 
@@ -28,8 +27,8 @@ def hf_logits(model, tokens):
 def test_prefill_ragged_batch_matches_hf(hf_checkpoint_dir, family, tie):
   if tie and family != "qwen3":
     pytest.skip("tied embeddings checked on one family")
-  folder, hf = hf_checkpoint_dir(family, tie)
-  model = checkpoint.load_hf_model(folder)
+  folder, hf_model = hf_checkpoint_dir(family, tie)
+  model = hf.load_hf_model(folder)
   rng = np.random.default_rng(0)
   lengths = [11, 4, 7]
   seq = max(lengths)
@@ -39,17 +38,17 @@ def test_prefill_ragged_batch_matches_hf(hf_checkpoint_dir, family, tie):
   positions = jnp.broadcast_to(jnp.arange(seq), (3, seq))
   logits, _ = model(jnp.asarray(tokens), positions, causal_mask(jnp.asarray(lengths), seq))
   for b, n in enumerate(lengths):
-    np.testing.assert_allclose(np.asarray(logits[b, :n]), hf_logits(hf, tokens[b, :n]), atol=ATOL)
+    np.testing.assert_allclose(np.asarray(logits[b, :n]), hf_logits(hf_model, tokens[b, :n]), atol=ATOL)
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_cached_decode_matches_hf(hf_checkpoint_dir, family):
-  folder, hf = hf_checkpoint_dir(family)
-  model = checkpoint.load_hf_model(folder)
+  folder, hf_model = hf_checkpoint_dir(family)
+  model = hf.load_hf_model(folder)
   max_len = 32
   cache = kv.KVCache.init(model.config, num_slots=3, max_len=max_len)
   sequence = np.random.default_rng(1).integers(0, 97, 12).astype(np.int32)
-  reference = hf_logits(hf, sequence)
+  reference = hf_logits(hf_model, sequence)
   slot = jnp.array([1], jnp.int32)  # a middle slot: the others must stay untouched
   prompt = 5
   mask = (jnp.arange(max_len)[None, None, :] <= jnp.arange(prompt)[None, :, None])
@@ -67,8 +66,8 @@ def test_cached_decode_matches_hf(hf_checkpoint_dir, family):
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_tree_masked_forward_matches_sequential_paths(hf_checkpoint_dir, family):
   """A prefix in the cache, then a whole tree in one call with the ancestor mask."""
-  folder, hf = hf_checkpoint_dir(family)
-  model = checkpoint.load_hf_model(folder)
+  folder, hf_model = hf_checkpoint_dir(family)
+  model = hf.load_hf_model(folder)
   rng = np.random.default_rng(2)
   prefix = rng.integers(0, 97, 6).astype(np.int32)
   # Node 0 is the root; parents[i] < i. Two branches off the root, one deeper chain.
@@ -97,7 +96,7 @@ def test_tree_masked_forward_matches_sequential_paths(hf_checkpoint_dir, family)
     while parents[path[-1]] >= 0:
       path.append(parents[path[-1]])
     sequence = np.concatenate([prefix, tree_tokens[path[::-1]]])
-    np.testing.assert_allclose(np.asarray(logits[0, i]), hf_logits(hf, sequence)[-1], atol=ATOL)
+    np.testing.assert_allclose(np.asarray(logits[0, i]), hf_logits(hf_model, sequence)[-1], atol=ATOL)
 
 
 def test_unstacked_layers_give_the_same_logits_and_cache():

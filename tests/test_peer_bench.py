@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_hf_model
 
 from specedge_jax import engine as E
 from specedge_jax.bench import peers as peer_bench
 from specedge_jax.bench import torch_specexec as torch_reference
-
-from conftest import make_hf_model
 
 VOCAB = 97
 MAX_NEW = 16

@@ -22,8 +22,7 @@ def test_regenerating_gives_the_committed_files(tmp_path):
 
 def test_grpc_module_imports_its_messages_package_relatively():
   # pylint: disable-next=g-import-not-at-top
-  from specedge_jax.serving.proto import specedge_pb2
-  from specedge_jax.serving.proto import specedge_pb2_grpc
+  from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
 
   with open(specedge_pb2_grpc.__file__) as f:
     assert "from . import specedge_pb2 as specedge__pb2" in f.read()

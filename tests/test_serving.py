@@ -15,13 +15,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specedge_jax.testing.fakes import FakeDraftEngine, FakeTargetEngine, expected_output, successor
 from specedge_jax.measure import metrics
 from specedge_jax.measure.events import EventLog
+from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeDevice, EdgeRequest
 from specedge_jax.serving.proto import specedge_pb2 as pb
 from specedge_jax.serving.proto import specedge_pb2_grpc
-from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeDevice, EdgeRequest
-from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
+from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.verifier import VerifierServer
+from specedge_jax.testing.fakes import FakeDraftEngine, FakeTargetEngine, expected_output, successor
 
 VOCAB = 50
 

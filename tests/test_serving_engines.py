@@ -13,16 +13,17 @@ import asyncio
 import grpc
 import pytest
 
-import spec_models
 from specedge_jax import engine as E
+from specedge_jax.api import SamplingParams
+from specedge_jax.engine import prefix_cache
 from specedge_jax.measure import metrics
 from specedge_jax.measure.events import EventLog
-from specedge_jax.api import SamplingParams
 from specedge_jax.serving import baselines
-from specedge_jax.engine import prefix_cache
-from specedge_jax.serving import runners
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
-from specedge_jax.serving.verifier import BatchingConfig, VerifierServer
+from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.verifier import VerifierServer
+
+import spec_models
 
 VOCAB = 64
 MAX_NEW = 16

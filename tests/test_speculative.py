@@ -6,12 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specedge_jax.spec import draft as draft_lib
 from specedge_jax import engine as E
 from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
-from specedge_jax.spec import tree as tree_lib
-from specedge_jax.spec import verify as verify_lib
 from specedge_jax.models.transformer import causal_mask, split_model
 
 import spec_models

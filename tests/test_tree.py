@@ -12,14 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specedge_jax import api
-from specedge_jax.spec import draft as draft_lib
-from specedge_jax import engine as E
 from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
-from specedge_jax.spec import tree as tree_lib
-from specedge_jax.spec import verify as verify_lib
 from specedge_jax.models.kv_cache import DROP_ROW
 from specedge_jax.models.transformer import split_model
+from specedge_jax.spec import draft as draft_lib
+from specedge_jax.spec import tree as tree_lib
+from specedge_jax.spec import verify as verify_lib
 
 import spec_models
 

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import hf
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models import transformer as model_lib
 from specedge_jax.testing.checkpoints import save_hf_model
@@ -163,7 +163,7 @@ class JaxRunner:
   """
 
   def __init__(self, hf_dir: str, unstacked: bool = False):
-    model = checkpoint.load_hf_model(hf_dir)
+    model = hf.load_hf_model(hf_dir)
     self.config = model.config
     self.name = "jax-unstacked" if unstacked else "jax"
     # Split outside jit, merge inside: the parameters are a traced argument, not constants
@@ -380,7 +380,7 @@ def run_benchmark(hf_dir: str | None, config: BenchConfig,
     if hf_dir is None:
       hf_dir = save_random_qwen3(os.path.join(scratch, "tiny_qwen3"), seed=config.seed)
     runners = make_runners(hf_dir, config.variants, config.torch_threads)
-    vocab_size = checkpoint.ModelConfig.from_hf_folder(hf_dir).vocab_size
+    vocab_size = hf.ModelConfig.from_hf_folder(hf_dir).vocab_size
     results = []
     for case in config.cases():
       result = run_case(case, runners, config, vocab_size)

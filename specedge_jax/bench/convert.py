@@ -29,7 +29,7 @@ import psutil
 from flax import nnx
 
 from specedge_jax.bench.backends import random_tree
-from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import hf, safetensors_io
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.model_config import ModelConfig
 from specedge_jax.models.transformer import Transformer
@@ -55,10 +55,10 @@ def write_random_hf_checkpoint(folder: str, hf_config: dict[str, Any], dtype: st
   """Writes config.json + model.safetensors of random weights; returns the weight bytes."""
   os.makedirs(folder, exist_ok=True)
   config = ModelConfig.from_hf_dict(hf_config)
-  np_dtype = np.dtype(checkpoint.DTYPES[dtype])
-  shapes = jax.tree.map(lambda a: tuple(a.shape), checkpoint.abstract_params(config))
+  np_dtype = np.dtype(hf.DTYPES[dtype])
+  shapes = jax.tree.map(lambda a: tuple(a.shape), hf.abstract_params(config))
   specs = [(name, tuple(value.shape), np_dtype)
-           for name, value in checkpoint.hf_shapes(config, shapes)]
+           for name, value in hf.hf_shapes(config, shapes)]
   rng = np.random.default_rng(seed)
 
   def tensors():
@@ -66,7 +66,7 @@ def write_random_hf_checkpoint(folder: str, hf_config: dict[str, Any], dtype: st
       yield name, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np_dtype)
 
   path = os.path.join(folder, "model.safetensors")
-  checkpoint.write_safetensors(path, specs, tensors(), metadata={"format": "pt"})
+  safetensors_io.write_safetensors(path, specs, tensors(), metadata={"format": "pt"})
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf_config, f, indent=2)
   return sum(int(np.prod(s)) * np_dtype.itemsize for _, s, _ in specs)

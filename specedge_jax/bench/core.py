@@ -24,10 +24,9 @@ import numpy as np
 
 from specedge_jax import engine as E
 from specedge_jax.models import kv_cache as kv
+from specedge_jax.models.transformer import split_model
 from specedge_jax.spec import sampling as sampling_lib
 from specedge_jax.spec import verify as verify_lib
-from specedge_jax.models.transformer import split_model
-
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

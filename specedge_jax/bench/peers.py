@@ -207,8 +207,8 @@ def _run(target_dir, draft_dir, prompts, *, max_new_tokens, tree, eos_token_ids,
          progress) -> PeerBenchResult:
   import torch
 
-  from specedge_jax.checkpoints import orbax_io
   from specedge_jax.bench import torch_specexec as torch_reference
+  from specedge_jax.checkpoints import orbax_io
 
 
   progress("loading models")

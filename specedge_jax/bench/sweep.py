@@ -46,12 +46,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from specedge_jax.measure import events as events_lib
-from specedge_jax.measure import metrics
-from specedge_jax.measure import plots
 from specedge_jax.engine import PROACTIVE_MODES
-from specedge_jax.serving import local
-from specedge_jax.serving import processes
+from specedge_jax.measure import events as events_lib
+from specedge_jax.measure import metrics, plots
+from specedge_jax.serving import local, processes
 from specedge_jax.serving.baselines import SYSTEM_NAMES
 from specedge_jax.serving.serving_config import ServingConfig
 

@@ -15,11 +15,11 @@ may reference the source data) and we wait for the save before returning, so not
 the arrays meanwhile. Compression is off: weights are high-entropy floats, so zstd saves little
 on them while its CPU time grows with the model.
 
-Restore is against an abstract tree (`checkpoint.abstract_params`), so no model is ever
+Restore is against an abstract tree (`hf.abstract_params`), so no model is ever
 initialized concretely; leaves arrive as host arrays and move to the device one at a time.
 
 This module owns the orbax layout and `load_model`. It never touches HF file formats or the
-name map (`checkpoint.py`).
+name map (`hf.py`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 
-from specedge_jax.checkpoints import hf as checkpoint
-from specedge_jax.checkpoints.hf import CheckpointError
+from specedge_jax.checkpoints import hf
+from specedge_jax.checkpoints.safetensors_io import CheckpointError, TensorEntry
 from specedge_jax.models.model_config import ModelConfig, RopeScaling
 from specedge_jax.models.transformer import Transformer
 
@@ -117,7 +117,7 @@ def save(path: str | os.PathLike, config: ModelConfig, params: dict, *,
   if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
     raise CheckpointError(f"parameters must share one of {sorted(_DTYPE_NAMES.values())}; "
                           f"got {sorted(str(d) for d in dtypes)}")
-  expected = jax.tree.map(lambda a: tuple(a.shape), checkpoint.abstract_params(config))
+  expected = jax.tree.map(lambda a: tuple(a.shape), hf.abstract_params(config))
   have = jax.tree.map(lambda a: tuple(a.shape), params)
   if expected != have:
     raise CheckpointError("parameter tree does not match the config's model "
@@ -186,11 +186,11 @@ def restore_params(path: str | os.PathLike, dtype: str | None = None,
   """
   path = os.path.abspath(path)
   config, saved_dtype = read_metadata(path)
-  if (dtype or saved_dtype) not in checkpoint.DTYPES:
-    raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {sorted(checkpoint.DTYPES)}")
-  np_dtype = np.dtype(checkpoint.DTYPES[dtype or saved_dtype])
+  if (dtype or saved_dtype) not in hf.DTYPES:
+    raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {sorted(hf.DTYPES)}")
+  np_dtype = np.dtype(hf.DTYPES[dtype or saved_dtype])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np_dtype),
-                          checkpoint.abstract_params(config))
+                          hf.abstract_params(config))
   restore_args = jax.tree.map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np_dtype), abstract)
   try:
@@ -214,14 +214,14 @@ def restore_params(path: str | os.PathLike, dtype: str | None = None,
 
 
 def convert_hf(hf_dir: str, out_dir: str, dtype: str = "bf16", *, overwrite: bool = False,
-               on_tensor: Callable[[checkpoint.TensorEntry], None] | None = None,
+               on_tensor: Callable[[TensorEntry], None] | None = None,
                on_saving: Callable[[], None] | None = None) -> ModelConfig:
   """HF folder -> orbax checkpoint, holding one copy of the model (in `dtype`) at a time.
 
   `on_tensor(entry)` follows each tensor read; `on_saving()` marks the start of the orbax write.
   """
   check_writable(out_dir, overwrite)  # fail before reading tens of GB, not after
-  config, params = checkpoint.load_hf_params(hf_dir, dtype=dtype, on_tensor=on_tensor)
+  config, params = hf.load_hf_params(hf_dir, dtype=dtype, on_tensor=on_tensor)
   if on_saving:
     on_saving()
   save(out_dir, config, params, overwrite=overwrite)
@@ -244,14 +244,14 @@ def load_model(path: str | os.PathLike, dtype: str | None = None,
   if is_orbax_checkpoint(path):
     config, params = restore_params(path, dtype=dtype)
   elif os.path.isfile(os.path.join(path, "config.json")):
-    config, params = checkpoint.load_hf_params(path, dtype=dtype or "fp32")
+    config, params = hf.load_hf_params(path, dtype=dtype or "fp32")
     # Move leaves to the device one at a time, dropping each host copy as we go.
     params = _to_device_consuming(params)
   else:
     raise CheckpointError(f"{path} is neither a specedge orbax checkpoint ({METADATA_FILE}) nor "
                           "an HF folder (config.json)")
   compute = compute_dtype or jax.tree.leaves(params)[0].dtype
-  return checkpoint.build_model(config, params, dtype=compute)
+  return hf.build_model(config, params, dtype=compute)
 
 
 def _to_device_consuming(tree: dict, sharding: jax.sharding.Sharding | None = None) -> dict:

@@ -98,7 +98,7 @@ class TargetEngine:
       raise ValueError(f"slot {slot} is not freshly prefilled; snapshot right after open()")
     return prefix_cache.read_snapshot(self.cache, slot, session.prompt_ids, self.max_len)
 
-  def open_from_prefill(self, snapshot: prefix_cache.PrefillSnapshot, prompt_ids: Sequence[int],
+  def open_from_prefill(self, snapshot: api.PrefillSnapshot, prompt_ids: Sequence[int],
                         sampling: SamplingParams, seed: int,
                         max_new_tokens: int) -> tuple[int, int, bool]:
     """Like `open`, but copies the snapshot's rows instead of running the prompt forward.
@@ -106,6 +106,8 @@ class TargetEngine:
     The last prompt token is still forwarded alone: its logits give the first token, sampled
     exactly as `open` samples it, so a restored session continues like a prefilled one.
     """
+    if not isinstance(snapshot, prefix_cache.PrefillSnapshot):
+      raise ValueError(f"a {type(snapshot).__name__} is not a snapshot of this engine's cache")
     if tuple(int(t) for t in prompt_ids) != snapshot.prompt_ids:
       raise ValueError("the snapshot belongs to a different prompt")
     prompt = self._checked_prompt(prompt_ids, max_new_tokens)

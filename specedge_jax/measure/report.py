@@ -15,8 +15,7 @@ from typing import Iterable, Sequence
 from rich.table import Table
 
 from specedge_jax.measure import events as events_lib
-from specedge_jax.measure import metrics
-from specedge_jax.measure import plots
+from specedge_jax.measure import metrics, plots
 
 
 def expand_globs(patterns: Iterable[str]) -> list[str]:

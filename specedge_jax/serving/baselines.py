@@ -5,7 +5,7 @@
   request's slot is refilled with the next waiting request at once.
 * `speculative`: the reference's server-only SpecExec: draft and target both on the server. Each
   step drafts a tree for every active request on the draft model, then verifies all trees in one
-  batched target forward, then commits (`engine.generate.run_round`, the in-process round). Drafting is server time here (`server_batch` events with
+  batched target forward, then commits (`engine.generation.run_round`, the in-process round). Drafting is server time here (`server_batch` events with
   op 'draft'), which is exactly what SpecEdge moves to the edges.
 
 Both loops are single-threaded (they own both engines) and emit request_start / request_step /
@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 from specedge_jax import api
 from specedge_jax.api import SamplingParams
-from specedge_jax.engine.generate import run_round
+from specedge_jax.engine.generation import run_round
 from specedge_jax.measure.events import EventLog
 from specedge_jax.serving.drafter import EdgeRequest, RequestOutput
 
@@ -35,7 +35,13 @@ class _Active:
   request: EdgeRequest
   output: RequestOutput
   target_slot: int
-  draft_slot: int | None
+  draft_slot: int | None  # None: no draft engine, or the request finished at its prefill
+
+  def open_draft_slot(self) -> int:
+    """The draft slot of a request still in speculative decoding."""
+    if self.draft_slot is None:
+      raise RuntimeError(f"request {self.request.request_id!r} has no draft slot")
+    return self.draft_slot
 
 
 def run_baseline(kind: str, target: api.TargetEngineProtocol, requests: Sequence[EdgeRequest], *,
@@ -71,7 +77,7 @@ def run_baseline(kind: str, target: api.TargetEngineProtocol, requests: Sequence
       event_log.emit(kind_, **tags, **fields)
 
   waiting = collections.deque(enumerate(requests))
-  outputs: list[RequestOutput | None] = [None] * len(requests)
+  outputs: dict[int, RequestOutput] = {}  # request index -> its output, set by finish()
   active: dict[int, _Active] = {}
   run_start = time.time()
 
@@ -79,6 +85,8 @@ def run_baseline(kind: str, target: api.TargetEngineProtocol, requests: Sequence
     state = active.pop(index)
     target.close(state.target_slot)
     if state.draft_slot is not None:
+      if draft is None:
+        raise RuntimeError("a draft slot is open without a draft engine")
       draft.close(state.draft_slot)
     state.output.finish_reason = reason
     outputs[index] = state.output
@@ -129,7 +137,7 @@ def run_baseline(kind: str, target: api.TargetEngineProtocol, requests: Sequence
     order = sorted(active)
     request_ids = [active[i].request.request_id for i in order]
     step = run_round(target, [active[i].target_slot for i in order], draft=draft,
-                     draft_slots=[active[i].draft_slot for i in order] if draft else ())
+                     draft_slots=[active[i].open_draft_slot() for i in order] if draft else ())
     speculative = draft is not None
     if speculative:
       emit("server_batch", t_start=step.t_start, t_end=step.t_drafted, op="draft",
@@ -153,4 +161,5 @@ def run_baseline(kind: str, target: api.TargetEngineProtocol, requests: Sequence
            proactive_hit=hit, phase="verify" if speculative else "decode")
       if result.finished:
         finish(index, reason_of(result.emitted[-1] if result.emitted else -1, True))
-  return outputs
+  # Every request was admitted and left `active` through finish(), which set its output.
+  return [outputs[index] for index in range(len(requests))]

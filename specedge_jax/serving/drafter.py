@@ -221,6 +221,20 @@ class Drafter:
     self._device: EdgeDevice | None = None
     self._turn: asyncio.Lock | None = None
 
+  @property
+  def _edge(self) -> EdgeDevice:
+    """The edge device of the current `run()`."""
+    if self._device is None:
+      raise RuntimeError("Drafter: the edge device is used before run()")
+    return self._device
+
+  @property
+  def _turn_lock(self) -> asyncio.Lock:
+    """The turn of the current `run()` (interleave=False: one request drafts at a time)."""
+    if self._turn is None:
+      raise RuntimeError("Drafter: the turn lock is used before run()")
+    return self._turn
+
   def _emit(self, kind: str, **fields) -> None:
     if self._events is not None:
       self._events.emit(kind, client_id=self.config.client_id, **self._tags, **fields)
@@ -241,11 +255,12 @@ class Drafter:
   async def run(self, requests: Sequence[EdgeRequest]) -> list[RequestOutput]:
     """Serves every request; K at a time. Returns outputs in request order."""
     loop = asyncio.get_running_loop()
-    self._device = EdgeDevice(loop, client_id=self.config.client_id, event_log=self._events,
-                              event_tags=self._tags)
+    device = EdgeDevice(loop, client_id=self.config.client_id, event_log=self._events,
+                        event_tags=self._tags)
+    self._device = device
     self._turn = asyncio.Lock()
     todo = list(enumerate(requests))
-    outputs: list[RequestOutput | None] = [None] * len(requests)
+    outputs: dict[int, RequestOutput] = {}  # request index -> its output
 
     async def worker():
       while todo:
@@ -256,8 +271,9 @@ class Drafter:
     try:
       await asyncio.gather(*(worker() for _ in range(self.config.max_concurrent_requests)))
     finally:
-      await loop.run_in_executor(None, self._device.stop)
-    return outputs
+      await loop.run_in_executor(None, device.stop)
+    # Every worker ran until `todo` was empty, and each request it took got an output.
+    return [outputs[index] for index in range(len(requests))]
 
   async def _open_session(self, request: EdgeRequest, seed: int):
     config = self.config
@@ -287,7 +303,8 @@ class Drafter:
     t_submit = time.time()
     output = RequestOutput(request_id=request.request_id, prompt_tokens=len(request.prompt_ids),
                            tokens=[], finish_reason="error")
-    session_id, draft_slot = None, None
+    session_id: str | None = None
+    draft_slot: int | None = None
     started_logged = False
     try:
       opened = await self._open_session(request, seed)
@@ -306,23 +323,24 @@ class Drafter:
       finished, reason = opened.finished, opened.finish_reason
       root = opened.first_token
       if not finished:
-        draft_slot = await self._device.run(self.engine.open, prompt_ids, opened.first_token,
-                                            op="prefill")
-      while not finished:
-        if self.config.interleave:
-          response, step = await self._round(request, session_id, draft_slot, root)
-        else:
-          async with self._turn:
-            response, step = await self._round(request, session_id, draft_slot, root)
-        output.steps += 1
-        output.tokens.extend(response.emitted_tokens)
-        output.accepted_depths.append(len(response.accepted_tokens))
-        if step["proactive_hit"] is not None:
-          output.proactive_hits.append(bool(step["proactive_hit"]))
-        self._emit("request_step", request_id=request.request_id,
-                   n_tokens=len(response.emitted_tokens), phase="verify", **step)
-        self._stream(list(response.emitted_tokens), response.finished, request.request_id)
-        finished, reason, root = response.finished, response.finish_reason, response.bonus_token
+        slot: int = await self._edge.run(self.engine.open, prompt_ids, opened.first_token,
+                                         op="prefill")
+        draft_slot = slot
+        while not finished:
+          if self.config.interleave:
+            response, step = await self._round(request, session_id, slot, root)
+          else:
+            async with self._turn_lock:
+              response, step = await self._round(request, session_id, slot, root)
+          output.steps += 1
+          output.tokens.extend(response.emitted_tokens)
+          output.accepted_depths.append(len(response.accepted_tokens))
+          if step["proactive_hit"] is not None:
+            output.proactive_hits.append(bool(step["proactive_hit"]))
+          self._emit("request_step", request_id=request.request_id,
+                     n_tokens=len(response.emitted_tokens), phase="verify", **step)
+          self._stream(list(response.emitted_tokens), response.finished, request.request_id)
+          finished, reason, root = response.finished, response.finish_reason, response.bonus_token
       output.finish_reason = reason or "length"
     except Exception as e:  # pylint: disable=broad-except (one request's failure is reported)
       _log.error("request %s failed: %s", request.request_id, e)
@@ -334,7 +352,7 @@ class Drafter:
                    prompt_tokens=output.prompt_tokens, dataset=request.dataset,
                    category=request.category)
       if draft_slot is not None:
-        await self._device.run(self.engine.close, draft_slot, op="close")
+        await self._edge.run(self.engine.close, draft_slot, op="close")
       if session_id is not None:
         try:
           await self._call(self._stub.CloseSession,
@@ -348,7 +366,7 @@ class Drafter:
 
   async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int):
     """One draft -> verify -> commit round of one request."""
-    draft_job = self._device.submit(self.engine.draft, draft_slot, op="draft")
+    draft_job = self._edge.submit(self.engine.draft, draft_slot, op="draft")
     tree = await draft_job.future
     tokens = np.asarray(tree.tokens)
     parents = np.asarray(tree.parents)
@@ -356,8 +374,8 @@ class Drafter:
       raise RuntimeError(f"draft engine rooted the tree at {int(tokens[0])}, expected {root}")
     proactive_job = None
     if self.config.proactive:
-      proactive_job = self._device.submit(self.engine.draft_proactive, draft_slot,
-                                          op="proactive", priority=EdgeDevice.PROACTIVE)
+      proactive_job = self._edge.submit(self.engine.draft_proactive, draft_slot,
+                                        op="proactive", priority=EdgeDevice.PROACTIVE)
     sent = time.time()
     response = await self._call(self._stub.Verify, specedge_pb2.VerifyRequest(
         session_id=session_id, root_token=root, tokens=tokens[1:].tolist(),
@@ -369,7 +387,7 @@ class Drafter:
                                bonus=int(response.bonus_token),
                                emitted=list(response.emitted_tokens),
                                finished=bool(response.finished))
-    hit = await self._device.run(self.engine.commit, draft_slot, result, op="commit")
+    hit = await self._edge.run(self.engine.commit, draft_slot, result, op="commit")
     return response, dict(draft_time_s=draft_job.duration_s, wait_time_s=wait_time,
                           tree_size=int(tokens.size - 1),
                           accepted_depth=len(response.accepted_tokens),

@@ -79,7 +79,7 @@ class _OpenJob(_Job):
 @dataclasses.dataclass
 class _VerifyJob(_Job):
   slot: int = -1
-  tree: DraftTree | None = None
+  tree: DraftTree = dataclasses.field(kw_only=True)  # always given (by keyword)
 
 
 @dataclasses.dataclass
@@ -268,7 +268,7 @@ class EngineWorker:
                       prefill_cache_hit=snapshot is not None)
 
   def _close(self, job: _CloseJob) -> None:
-    kept = collections.deque()
+    kept: collections.deque[_VerifyJob] = collections.deque()
     for pending in self._pending:
       if pending.slot == job.slot:
         self._deliver(pending, error=RequestError(grpc.StatusCode.ABORTED,

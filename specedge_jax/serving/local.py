@@ -59,7 +59,9 @@ class LocalOptions:
 class LocalResult:
   summaries: list[metrics.RunSummary]
   event_paths: dict[str, list[str]]  # run id -> its logs
-  outputs: dict[str, dict[str, list[int]]]  # run id -> request id -> generated tokens
+  # run id -> request id -> generated tokens (None: its request_end event has no output_tokens,
+  # an optional field of the event schema)
+  outputs: dict[str, dict[str, list[int] | None]]
   out_dir: str
 
 
@@ -174,7 +176,7 @@ def run_local(config: ServingConfig, options: LocalOptions,
   all_events = list(events_lib.read_events(
       [p for paths in event_paths.values() for p in paths if os.path.exists(p)]))
   _, summaries = metrics.summarize_events(all_events)
-  outputs: dict[str, dict[str, list[int]]] = {}
+  outputs: dict[str, dict[str, list[int] | None]] = {}
   for event in all_events:
     if event["kind"] == "request_end":
       outputs.setdefault(event.get("run_id") or event["system"], {})[event["request_id"]] = \

@@ -25,11 +25,11 @@ from typing import Sequence
 
 def pin_to_cpus(cpus: Sequence[int]) -> None:
   """Restricts this process (and the threads it starts later) to the given cores."""
-  cpus = set(int(c) for c in cpus)
+  wanted = set(int(c) for c in cpus)
   available = os.sched_getaffinity(0)
-  if not cpus <= available:
-    raise ValueError(f"cpus {sorted(cpus)} are not all available (have {sorted(available)})")
-  os.sched_setaffinity(0, cpus)
+  if not wanted <= available:
+    raise ValueError(f"cpus {sorted(wanted)} are not all available (have {sorted(available)})")
+  os.sched_setaffinity(0, wanted)
 
 
 def exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> threading.Thread:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -103,17 +103,18 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
     log.close()
 
 
-class _Tagged:
-  """An EventLog view that adds fixed fields (run_id) to every event."""
+class _Tagged(EventLog):
+  """An EventLog view that adds fixed fields (run_id) to every event; `log` does the writing."""
 
   def __init__(self, log: EventLog, **tags):
+    super().__init__(None, log.system)  # no file of its own
     self._log, self._tags = log, tags
     self.events = log.events
 
-  def emit(self, kind: str, **fields):
+  def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
     return self._log.emit(kind, **self._tags, **fields)
 
-  def close(self):
+  def close(self) -> None:
     self._log.close()
 
 

@@ -72,6 +72,14 @@ class _Session:
   last_used: float = dataclasses.field(default_factory=time.monotonic)
 
 
+@dataclasses.dataclass
+class _OpenState:
+  """What an OpenSession handler and its job's done callback share."""
+
+  session: _Session | None = None  # set by the callback once the open succeeded
+  abandoned: bool = False  # the RPC was cancelled: close the session as soon as it exists
+
+
 def finish_reason(emitted: Sequence[int], finished: bool, eos_token_ids: Sequence[int]) -> str:
   if not finished:
     return ""
@@ -186,17 +194,19 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                    sampling=sampling, seed=int(request.seed),
                    max_new_tokens=int(request.max_new_tokens))
     self._opens_in_flight += 1
-    state = {"session": None, "abandoned": False}
+    state = _OpenState()
     job.future.add_done_callback(lambda future: self._open_done(job, request, state))
     try:
       opened: OpenResult = await self._run_job(job)
     except asyncio.CancelledError:
       # The caller is gone and will never learn the session id: free the slot once it exists.
-      state["abandoned"] = True
-      if state["session"] is not None:
-        self._abandon(state["session"])
+      state.abandoned = True
+      if state.session is not None:
+        self._abandon(state.session)
       raise
-    session = state["session"]
+    session = state.session
+    if session is None:  # _open_done runs before this await returns (registered first)
+      raise RuntimeError(f"request {request_id}: the open succeeded but no session was registered")
     return specedge_pb2.OpenSessionResponse(
         session_id=session.session_id, first_token=opened.first_token, finished=opened.finished,
         prompt_tokens=len(prompt_ids), prompt_token_ids=prompt_ids if from_text else (),
@@ -204,7 +214,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         timing=specedge_pb2.ServerTiming(queue_time_s=opened.queue_time_s,
                                          forward_time_s=opened.forward_time_s, batch_size=1))
 
-  def _open_done(self, job: _OpenJob, request, state: dict) -> None:
+  def _open_done(self, job: _OpenJob, request, state: _OpenState) -> None:
     """Registers a successful open (on the loop, even if the RPC was cancelled meanwhile)."""
     self._opens_in_flight -= 1
     if job.future.cancelled() or job.future.exception() is not None:
@@ -215,8 +225,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                        max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
                        finished=opened.finished)
     self.sessions[session.session_id] = session
-    state["session"] = session
-    if state["abandoned"]:
+    state.session = session
+    if state.abandoned:
       self._abandon(session)
 
   def _abandon(self, session: _Session) -> None:

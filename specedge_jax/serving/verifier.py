@@ -84,14 +84,14 @@ class VerifierServer:
     await self._server.start()
     for service in ("", SERVICE_NAME):
       await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    self._reaper = asyncio.create_task(self._reap_forever())
+    self._reaper = asyncio.create_task(self._reap_forever(self.servicer))
     return self.port
 
-  async def _reap_forever(self) -> None:
+  async def _reap_forever(self, servicer: VerifierServicer) -> None:
     period = max(0.05, min(30.0, self._session_timeout_s / 4))
     while True:
       await asyncio.sleep(period)
-      await self.servicer.reap_idle_sessions(self._session_timeout_s)
+      await servicer.reap_idle_sessions(self._session_timeout_s)
 
   async def stop(self, grace: float | None = 1.0) -> None:
     if self._server is None:
@@ -101,11 +101,15 @@ class VerifierServer:
     if self._reaper is not None:
       self._reaper.cancel()
     await self._server.stop(grace)
+    if self.worker is None:  # start() makes the worker before the server
+      raise RuntimeError("VerifierServer: a server without an engine worker")
     # Joining the engine thread blocks; do it off the loop so late deliveries cannot deadlock.
     await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
     self._server = None
 
   async def wait_for_termination(self) -> None:
+    if self._server is None:
+      raise RuntimeError("VerifierServer.wait_for_termination() before start() or after stop()")
     await self._server.wait_for_termination()
 
   @property

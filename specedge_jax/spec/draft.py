@@ -28,11 +28,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax import struct
+from flax import nnx, struct
 
-from specedge_jax.spec import tree as tree_lib
 from specedge_jax.models.kv_cache import DROP_ROW, KVCache
+from specedge_jax.spec import tree as tree_lib
 
 LEVEL_DECAY = math.log(0.9)
 

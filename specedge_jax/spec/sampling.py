@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specedge_jax.api import GREEDY, SamplingParams
+from specedge_jax.api import SamplingParams
 
 
 def stack_params(params: list[SamplingParams]) -> dict[str, np.ndarray]:

@@ -36,11 +36,11 @@ def hf_config_kwargs(family: str, *, vocab_size: int = 97, num_layers: int = 2,
   """
   if family not in HF_CLASSES:
     raise ValueError(family)
-  kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size,
-                intermediate_size=intermediate_size, num_hidden_layers=num_layers,
-                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                head_dim=head_dim, tie_word_embeddings=tie,
-                max_position_embeddings=max_position_embeddings)
+  kwargs: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=hidden_size,
+                                intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                                num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                                head_dim=head_dim, tie_word_embeddings=tie,
+                                max_position_embeddings=max_position_embeddings)
   if family == "llama":
     kwargs.update(LLAMA3_ROPE)
   return kwargs

@@ -29,7 +29,8 @@ def successor(token: int, vocab_size: int) -> int:
 
 def expected_output(prompt_ids, max_new_tokens: int, vocab_size: int,
                     eos_token_ids=()) -> list[int]:
-  out, token = [], prompt_ids[-1]
+  out: list[int] = []
+  token = prompt_ids[-1]
   while len(out) < max_new_tokens:
     token = successor(token, vocab_size)
     out.append(token)
@@ -169,7 +170,7 @@ class FakeDraftEngine:
     self._free = list(range(num_slots))
     self._sessions: dict[int, dict] = {}
     self.calls: list[tuple[str, int]] = []
-    self._owner = None
+    self._owner: threading.Thread | None = None
 
   def _check_thread(self):
     current = threading.current_thread()

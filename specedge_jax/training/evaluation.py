@@ -28,8 +28,8 @@ from flax import nnx
 from specedge_jax.data import datasets
 from specedge_jax.data.tokenizers import load_tokenizer
 from specedge_jax.models import kv_cache as kv
-from specedge_jax.training import recipe as training
 from specedge_jax.models.transformer import Transformer, causal_mask
+from specedge_jax.training import recipe as training
 
 EVAL_DATASETS = {name: datasets.DATASET_FILES[name] for name in ("c4", "mtbench")}
 
@@ -186,11 +186,11 @@ def held_out_losses(model: Transformer, tokenizer, dataset_dir: str, seq_len: in
 def evaluate_pair(target_dir: str, draft_dir: str, dataset_dir: str, *, seq_len: int = 384,
                   num_new_tokens: int = 64, echo=print) -> dict:
   """All figures for the HF folders of a target and a draft sharing one tokenizer."""
-  from specedge_jax.checkpoints import hf as checkpoint
+  from specedge_jax.checkpoints import hf
 
   tokenizer = load_tokenizer(target_dir)
-  target = checkpoint.load_hf_model(target_dir)
-  draft = checkpoint.load_hf_model(draft_dir)
+  target = hf.load_hf_model(target_dir)
+  draft = hf.load_hf_model(draft_dir)
   report: dict = {"loss": {}, "perplexity": {}, "agreement": {}}
   for name, model in (("target", target), ("draft", draft)):
     losses = held_out_losses(model, tokenizer, dataset_dir, seq_len)

@@ -14,7 +14,7 @@ module makes one from public English text:
 3. Target: a Qwen3-architecture `Transformer` trained with cross-entropy (optax adamw,
    warmup-cosine), through our own cache-less forward.
 4. Draft: a smaller Qwen3 trained on KL to the target's soft labels plus cross-entropy.
-5. Export: HF folders (`checkpoint.save_hf` plus the tokenizer files).
+5. Export: HF folders (`hf.save_hf` plus the tokenizer files).
 
 Training is resumable: orbax checkpoints hold the parameters, the optimizer state and the step,
 and the batch of step `s` is a pure function of (seed, s), so a run killed and resumed computes
@@ -41,7 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from specedge_jax.checkpoints import hf as checkpoint
+from specedge_jax.checkpoints import hf
 from specedge_jax.data import datasets
 from specedge_jax.data.tokenizers import load_tokenizer
 from specedge_jax.models.model_config import ModelConfig
@@ -463,8 +463,14 @@ def train_model(
 
   log: list[dict] = []
   started = time.time()
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                             TimeElapsedColumn, TimeRemainingColumn)
+  from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+  )
   columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
              TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn())
   with Progress(*columns, disable=not progress, refresh_per_second=1) as bar:
@@ -536,7 +542,7 @@ def prepare_data(recipe: RecipeConfig, work_dir: str):
 def export_model(folder: str, model_config: ModelConfig, model: Transformer, tokenizer,
                  dtype: str = "fp32") -> None:
   """An HF folder: config.json + model.safetensors + tokenizer files."""
-  checkpoint.save_hf(folder, model_config, checkpoint.params_of(model), dtype=dtype)
+  hf.save_hf(folder, model_config, hf.params_of(model), dtype=dtype)
   save_tokenizer(tokenizer, folder)
 
 
