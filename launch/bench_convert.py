@@ -66,7 +66,7 @@ def memory_table(console: Console, work_dir: str) -> None:
   with console.status("measuring: imports only"):
     baseline = convert_bench.peak_rss(
         [python, "-c", "import jax.numpy as jnp; from launch import convert; "
-         "from specedge_jax import orbax_io; jnp.zeros(1).block_until_ready()"],
+         "from specedge_jax.checkpoints import orbax_io; jnp.zeros(1).block_until_ready()"],
         cwd=_REPO_ROOT, env=env)
     rows.append(("imports only (baseline)", baseline))
   with console.status("measuring: python -m launch.convert"):
@@ -75,12 +75,12 @@ def memory_table(console: Console, work_dir: str) -> None:
          f"--dtype={_DTYPE.value}"], cwd=_REPO_ROOT, env=env)))
   with console.status("measuring: orbax_io.load_model"):
     rows.append(("orbax_io.load_model(orbax dir)", convert_bench.peak_rss(
-        [python, "-c", f"from specedge_jax import orbax_io; orbax_io.load_model({out_dir!r})"
+        [python, "-c", f"from specedge_jax.checkpoints import orbax_io; orbax_io.load_model({out_dir!r})"
          + _SKIP_TEARDOWN],
         cwd=_REPO_ROOT, env=env)))
   with console.status("measuring: load_model from the HF folder"):
     rows.append((f"orbax_io.load_model(HF folder, {_DTYPE.value})", convert_bench.peak_rss(
-        [python, "-c", f"from specedge_jax import orbax_io; "
+        [python, "-c", f"from specedge_jax.checkpoints import orbax_io; "
          f"orbax_io.load_model({hf_dir!r}, dtype={_DTYPE.value!r})" + _SKIP_TEARDOWN],
         cwd=_REPO_ROOT, env=env)))
 

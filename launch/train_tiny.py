@@ -15,7 +15,7 @@ import os
 from absl import app, flags, logging
 
 from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR
-from specedge_jax.training import recipe as training
+from specedge_jax.training import recipe, trainer
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,8 +58,8 @@ _STOP_AFTER_STEP = flags.DEFINE_integer(
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a rich progress bar.")
 
 
-def _size(base: training.ModelSize, hidden: int, layers: int,
-          intermediate: int) -> training.ModelSize:
+def _size(base: trainer.ModelSize, hidden: int, layers: int,
+          intermediate: int) -> trainer.ModelSize:
   # Heads keep the preset's count; head_dim follows the width so small smoke sizes stay valid.
   return dataclasses.replace(base, hidden_size=hidden, num_layers=layers,
                              head_dim=max(2, hidden // base.num_heads),
@@ -71,25 +71,26 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file at INFO
   common = dict(batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value, seed=_SEED.value,
                 checkpoint_every=_CHECKPOINT_EVERY.value, eval_every=_EVAL_EVERY.value)
-  recipe = training.RecipeConfig(
+  recipe_config = recipe.RecipeConfig(
       dataset_dir=_DATASET_DIR.value,
       use_pydoc=_USE_PYDOC.value,
       validation_fraction=_VALIDATION_FRACTION.value,
       vocab_size=_VOCAB_SIZE.value,
-      target_size=_size(training.TARGET_SIZE, _TARGET_HIDDEN.value, _TARGET_LAYERS.value,
+      target_size=_size(trainer.TARGET_SIZE, _TARGET_HIDDEN.value, _TARGET_LAYERS.value,
                         _TARGET_INTERMEDIATE.value),
-      draft_size=_size(training.DRAFT_SIZE, _DRAFT_HIDDEN.value, _DRAFT_LAYERS.value,
+      draft_size=_size(trainer.DRAFT_SIZE, _DRAFT_HIDDEN.value, _DRAFT_LAYERS.value,
                        _DRAFT_INTERMEDIATE.value),
-      target_train=training.TrainConfig(steps=_TARGET_STEPS.value,
-                                        peak_learning_rate=_TARGET_LR.value, **common),
-      draft_train=training.TrainConfig(steps=_DRAFT_STEPS.value,
-                                       peak_learning_rate=_DRAFT_LR.value,
-                                       distill_weight=_DISTILL_WEIGHT.value,
-                                       distill_temperature=_DISTILL_TEMPERATURE.value, **common),
+      target_train=trainer.TrainConfig(steps=_TARGET_STEPS.value,
+                                       peak_learning_rate=_TARGET_LR.value, **common),
+      draft_train=trainer.TrainConfig(steps=_DRAFT_STEPS.value,
+                                      peak_learning_rate=_DRAFT_LR.value,
+                                      distill_weight=_DISTILL_WEIGHT.value,
+                                      distill_temperature=_DISTILL_TEMPERATURE.value, **common),
       export_dtype=_EXPORT_DTYPE.value,
   )
-  summary = training.run_recipe(recipe, _WORK_DIR.value, _TARGET_OUT.value, _DRAFT_OUT.value,
-                                progress=_PROGRESS.value, stop_after_step=_STOP_AFTER_STEP.value)
+  summary = recipe.run_recipe(recipe_config, _WORK_DIR.value, _TARGET_OUT.value,
+                              _DRAFT_OUT.value, progress=_PROGRESS.value,
+                              stop_after_step=_STOP_AFTER_STEP.value)
   if summary["finished"]:
     print(f"exported {_TARGET_OUT.value} and {_DRAFT_OUT.value} "
           f"in {summary['total_seconds']} s")

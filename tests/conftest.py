@@ -38,20 +38,20 @@ def served_pair_dirs(tmp_path_factory):
   work): the pair that the process-level tests (local cluster, sweep) serve."""
   from specedge_jax.checkpoints import hf
   from specedge_jax.data import prompts
-  from specedge_jax.training import recipe as training
+  from specedge_jax.training import bpe_tokenizer
 
   import spec_models
 
   records = prompts.load_records()
   texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
            for r in records]
-  tokenizer = training.train_tokenizer(texts * 4, vocab_size=len(training.SPECIAL_TOKENS) + 320)
+  tokenizer = bpe_tokenizer.train_tokenizer(texts * 4, vocab_size=len(bpe_tokenizer.SPECIAL_TOKENS) + 320)
   target, draft = spec_models.make_pair(len(tokenizer), noise=0.005)
   root = tmp_path_factory.mktemp("served_pair")
   dirs = {}
   for name, model in (("target", target), ("draft", draft)):
     folder = str(root / name)
     hf.save_hf(folder, model.config, hf.params_of(model))
-    training.save_tokenizer(tokenizer, folder)
+    bpe_tokenizer.save_tokenizer(tokenizer, folder)
     dirs[name] = folder
   return dirs

@@ -19,7 +19,7 @@ from absl.testing import flagsaver
 from specedge_jax.checkpoints import hf
 from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_PROMPTS, DEFAULT_TARGET_DIR
 from specedge_jax.models.transformer import causal_mask, count_parameters
-from specedge_jax.training import recipe as training
+from specedge_jax.training import bpe_tokenizer, corpus
 
 MODEL_DIRS = {"target": DEFAULT_TARGET_DIR, "draft": DEFAULT_DRAFT_DIR}
 ATOL = 1e-4
@@ -53,9 +53,9 @@ def test_embedded_model_loads_in_transformers_and_ours_with_equal_logits(name, t
   ours = hf.load_hf_model(folder)
   np.testing.assert_allclose(_our_logits(ours, ids), _hf_logits(folder, ids), atol=ATOL)
   # EOS: both the document end and the chat turn end stop generation.
-  specials = training.special_token_ids(tokenizer)
-  assert set(ours.config.eos_token_ids) == {specials[training.END_OF_TEXT],
-                                            specials[training.IM_END]}
+  specials = bpe_tokenizer.special_token_ids(tokenizer)
+  assert set(ours.config.eos_token_ids) == {specials[bpe_tokenizer.END_OF_TEXT],
+                                            specials[bpe_tokenizer.IM_END]}
   assert ours.config.vocab_size == len(tokenizer)
 
 
@@ -81,14 +81,14 @@ def test_tokenizer_round_trips_and_renders_chat_template(tokenizer):
   for text in samples:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
-  for special in training.SPECIAL_TOKENS:
+  for special in bpe_tokenizer.SPECIAL_TOKENS:
     assert len(tokenizer(special, add_special_tokens=False)["input_ids"]) == 1
   messages = [{"role": "system", "content": "Be brief."},
               {"role": "user", "content": "What is 2 + 2?"},
               {"role": "assistant", "content": "4."},
               {"role": "user", "content": "And 3 + 3?"}]
   rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  assert rendered == training.format_chat(
+  assert rendered == bpe_tokenizer.format_chat(
       [(m["role"], m["content"]) for m in messages], add_generation_prompt=True)
   assert rendered.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
@@ -112,10 +112,10 @@ def test_prompt_set_is_well_formed(tokenizer):
 def test_llama2_chat_markup_becomes_turns():
   text = ("[INST] <<SYS>>\nBe nice.\n<</SYS>\n\n\nWhat is a cat? [\\INST]\nAn animal.\n"
           "[INST] And a dog? [\\INST]\n")
-  assert training.llama2_chat_to_messages(text) == [
+  assert corpus.llama2_chat_to_messages(text) == [
       ("user", "What is a cat?"), ("assistant", "An animal."), ("user", "And a dog?")]
   with pytest.raises(ValueError, match="no \\[INST\\]"):
-    training.llama2_chat_to_messages("plain text")
+    corpus.llama2_chat_to_messages("plain text")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,11 +180,11 @@ def test_train_tiny_end_to_end_and_exact_resume(toy_dataset_dir, tmp_path):
 
 def test_batches_are_a_function_of_the_step():
   stream = np.arange(1000, dtype=np.int32)
-  first = training.batch_for_step(stream, 16, 4, step=7, seed=0)
-  np.testing.assert_array_equal(first, training.batch_for_step(stream, 16, 4, step=7, seed=0))
+  first = corpus.batch_for_step(stream, 16, 4, step=7, seed=0)
+  np.testing.assert_array_equal(first, corpus.batch_for_step(stream, 16, 4, step=7, seed=0))
   assert first.shape == (4, 17)
   # Every row is a contiguous slice of the stream (inputs plus the next-token labels).
   assert (np.diff(first, axis=1) == 1).all()
-  assert not np.array_equal(first, training.batch_for_step(stream, 16, 4, step=8, seed=0))
+  assert not np.array_equal(first, corpus.batch_for_step(stream, 16, 4, step=8, seed=0))
   with pytest.raises(ValueError, match="batch_size"):
-    training.batch_for_step(stream[:40], 16, 4, step=0, seed=0)
+    corpus.batch_for_step(stream[:40], 16, 4, step=0, seed=0)

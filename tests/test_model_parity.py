@@ -99,6 +99,7 @@ def test_tree_masked_forward_matches_sequential_paths(hf_checkpoint_dir, family)
     np.testing.assert_allclose(np.asarray(logits[0, i]), hf_logits(hf_model, sequence)[-1], atol=ATOL)
 
 
+@pytest.mark.slow
 def test_unstacked_layers_give_the_same_logits_and_cache():
   """`layer_states` (per-layer weight arrays, looped in Python) computes what the stacked layer
   scan does: the same logits and cache rows, up to float32 rounding (the scan's body is compiled,

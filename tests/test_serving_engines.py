@@ -211,6 +211,7 @@ def test_server_only_baselines_emit_the_target_greedy_tokens(pair, workload, kin
     assert summary.requests.mean_tokens_per_step > 1.0
 
 
+@pytest.mark.slow
 def test_draft_warmup_can_build_a_proactive_hit(pair):
   """The drafter's warm-up compiles the re-rooting path by committing a result that hits the
   proactive guess; check that the result it builds is a hit."""

@@ -37,6 +37,7 @@ TREES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["disabled", "excluded", "included"])
 @pytest.mark.parametrize("tree_name", sorted(TREES))
 @pytest.mark.parametrize("batch_size", [1, 3])

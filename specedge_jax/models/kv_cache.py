@@ -71,22 +71,6 @@ def write_layer(cache_layers: jax.Array, layer: jax.Array, slots: jax.Array, row
       values.astype(cache_layers.dtype), mode="drop")
 
 
-def _compact_rows(cache: KVCache, slots: jax.Array, src_rows: jax.Array, dst_start: jax.Array,
-                  lengths: jax.Array) -> KVCache:
-  path_len = src_rows.shape[1]  # A
-  steps = jnp.arange(path_len, dtype=jnp.int32)[None, :]
-  dst_rows = jnp.where(steps < lengths[:, None], dst_start[:, None] + steps, DROP_ROW)
-  # Gather every layer's rows before scattering any, so overlapping source and destination
-  # ranges are safe. One gather and one scatter cover all layers: no loop over layers.
-  src = jnp.clip(src_rows, 0, cache.max_len - 1)
-
-  def move(layers):
-    moved = layers[:, slots[:, None], src]  # [L, B, A, K, H]
-    return layers.at[:, slots[:, None], dst_rows].set(moved, mode="drop")
-
-  return KVCache(k=move(cache.k), v=move(cache.v))
-
-
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def compact_rows(cache: KVCache, slots: jax.Array, src_rows: jax.Array, dst_start: jax.Array,
                  lengths: jax.Array) -> KVCache:
@@ -106,4 +90,15 @@ def compact_rows(cache: KVCache, slots: jax.Array, src_rows: jax.Array, dst_star
   Returns:
     The updated cache.
   """
-  return _compact_rows(cache, slots, src_rows, dst_start, lengths)
+  path_len = src_rows.shape[1]  # A
+  steps = jnp.arange(path_len, dtype=jnp.int32)[None, :]
+  dst_rows = jnp.where(steps < lengths[:, None], dst_start[:, None] + steps, DROP_ROW)
+  # Gather every layer's rows before scattering any, so overlapping source and destination
+  # ranges are safe. One gather and one scatter cover all layers: no loop over layers.
+  src = jnp.clip(src_rows, 0, cache.max_len - 1)
+
+  def move(layers):
+    moved = layers[:, slots[:, None], src]  # [L, B, A, K, H]
+    return layers.at[:, slots[:, None], dst_rows].set(moved, mode="drop")
+
+  return KVCache(k=move(cache.k), v=move(cache.v))

@@ -167,30 +167,6 @@ def _expand_step(model, state: GrowState, *, slot, context_len, root_position, b
   )
 
 
-def grow_impl(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot, context_len,
-              root_position, next_row, budget, num_steps, n_beams: int, branch_width: int,
-              max_steps: int) -> tuple[KVCache, tree_lib.Tree, jax.Array, jax.Array]:
-  """Grows `tree` by up to `num_steps` (<= max_steps) SpecExec steps. See `grow`."""
-  # The model is split outside jit and merged here: a traced state argument (instead of a static
-  # module) keeps the compiled program independent of the parameter values.
-  model = nnx.merge(graphdef.graphdef, model_state)
-  step_fn = functools.partial(_expand_step, model, slot=slot, context_len=context_len,
-                              root_position=root_position, budget=budget, n_beams=n_beams,
-                              branch_width=branch_width)
-
-  def cond(state: GrowState):
-    return (
-        # the step budget of this call (max_beam_len, less in proactive 'included' mode)
-        (state.step < jnp.minimum(num_steps, max_steps))
-        # early stop: the last step added no child to the top-budget set
-        & ~state.done)
-
-  state = GrowState(tree=tree, cache=cache, next_row=jnp.asarray(next_row, jnp.int32),
-                    step=jnp.int32(0), done=jnp.bool_(False))
-  state = jax.lax.while_loop(cond, step_fn, state)
-  return state.cache, state.tree, state.next_row, state.step
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_beams", "branch_width", "max_steps"),
                    donate_argnames=("cache",))
 def grow(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot, context_len,
@@ -213,10 +189,24 @@ def grow(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot, co
   Returns:
     (cache, tree, next_row, steps_run).
   """
-  return grow_impl(graphdef, model_state, cache, tree, slot=slot, context_len=context_len,
-                   root_position=root_position, next_row=next_row, budget=budget,
-                   num_steps=num_steps, n_beams=n_beams, branch_width=branch_width,
-                   max_steps=max_steps)
+  # The model is split outside jit and merged here: a traced state argument (instead of a static
+  # module) keeps the compiled program independent of the parameter values.
+  model = nnx.merge(graphdef.graphdef, model_state)
+  step_fn = functools.partial(_expand_step, model, slot=slot, context_len=context_len,
+                              root_position=root_position, budget=budget, n_beams=n_beams,
+                              branch_width=branch_width)
+
+  def cond(state: GrowState):
+    return (
+        # the step budget of this call (max_beam_len, less in proactive 'included' mode)
+        (state.step < jnp.minimum(num_steps, max_steps))
+        # early stop: the last step added no child to the top-budget set
+        & ~state.done)
+
+  state = GrowState(tree=tree, cache=cache, next_row=jnp.asarray(next_row, jnp.int32),
+                    step=jnp.int32(0), done=jnp.bool_(False))
+  state = jax.lax.while_loop(cond, step_fn, state)
+  return state.cache, state.tree, state.next_row, state.step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))

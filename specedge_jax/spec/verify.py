@@ -41,8 +41,27 @@ def request_keys(seeds, steps):
       seeds, steps)
 
 
-def _verify_impl(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
-                 num_nodes, temperature, top_p, top_k, seeds, steps):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
+           num_nodes, temperature, top_p, top_k, seeds, steps):
+  """Verifies a batch of trees in one target forward and compacts the accepted paths.
+
+  Args:
+    graphdef, model_state: the target model, from `model.split_model`.
+    cache: the target KV cache; donated (do not use it after the call).
+    slots: [B] int32 cache slot per lane (any valid slot for padded lanes).
+    prefix_len: [B] int32 committed rows per lane; the root goes to row prefix_len.
+    tokens, parents: [B, N] int32 trees (root at 0, parents[i] < i), padded past num_nodes.
+    num_nodes: [B] int32 valid nodes per lane; 0 marks a padded lane.
+    temperature, top_p, top_k: [B] sampling parameters (temperature 0 = greedy).
+    seeds, steps: [B] uint32 request seed and int32 step; the lane's PRNG key is
+      fold_in(PRNGKey(seed), step), so a request's randomness does not depend on batching.
+
+  Returns:
+    cache; path_nodes [B, N] (accepted node indices in depth order, root first, -1 padded);
+    path_len [B] (root included); bonus [B]; target_tokens [B, N] (the target's sample at every
+    node, for statistics and tests).
+  """
   model = nnx.merge(graphdef.graphdef, model_state)
   keys = request_keys(seeds, steps)
   batch, capacity = tokens.shape
@@ -76,31 +95,7 @@ def _verify_impl(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, to
   last = jnp.take_along_axis(path_nodes, jnp.maximum(path_len - 1, 0)[:, None], axis=1)[:, 0]
   bonus = jnp.take_along_axis(target_tokens, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
 
-  cache = kv._compact_rows(cache, slots, prefix_len[:, None] + jnp.maximum(path_nodes, 0),
-                           prefix_len, path_len)
+  # A jitted callee inside this jit is inlined; the donation is this function's own.
+  cache = kv.compact_rows(cache, slots, prefix_len[:, None] + jnp.maximum(path_nodes, 0),
+                          prefix_len, path_len)
   return cache, path_nodes, path_len, bonus, target_tokens
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
-           num_nodes, temperature, top_p, top_k, seeds, steps):
-  """Verifies a batch of trees in one target forward and compacts the accepted paths.
-
-  Args:
-    graphdef, model_state: the target model, from `model.split_model`.
-    cache: the target KV cache; donated (do not use it after the call).
-    slots: [B] int32 cache slot per lane (any valid slot for padded lanes).
-    prefix_len: [B] int32 committed rows per lane; the root goes to row prefix_len.
-    tokens, parents: [B, N] int32 trees (root at 0, parents[i] < i), padded past num_nodes.
-    num_nodes: [B] int32 valid nodes per lane; 0 marks a padded lane.
-    temperature, top_p, top_k: [B] sampling parameters (temperature 0 = greedy).
-    seeds, steps: [B] uint32 request seed and int32 step; the lane's PRNG key is
-      fold_in(PRNGKey(seed), step), so a request's randomness does not depend on batching.
-
-  Returns:
-    cache; path_nodes [B, N] (accepted node indices in depth order, root first, -1 padded);
-    path_len [B] (root included); bonus [B]; target_tokens [B, N] (the target's sample at every
-    node, for statistics and tests).
-  """
-  return _verify_impl(graphdef, model_state, cache, slots, prefix_len, tokens, parents,
-                      num_nodes, temperature, top_p, top_k, seeds, steps)

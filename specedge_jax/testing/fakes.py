@@ -23,6 +23,14 @@ from specedge_jax import api
 from specedge_jax.api import DraftTree, SamplingParams, SlotsExhausted, VerifyResult
 
 
+def _check_single_owner(owner: threading.Thread | None, engine: str) -> threading.Thread:
+  """The contract: exactly one thread calls an engine. Fails loudly if serving breaks it;
+  returns the owner (the first caller)."""
+  current = threading.current_thread()
+  assert owner is None or owner is current, f"{engine} called from two threads"
+  return current
+
+
 def successor(token: int, vocab_size: int) -> int:
   return (3 * token + 1) % vocab_size
 
@@ -67,12 +75,8 @@ class FakeTargetEngine:
     self.opened_prompts: list[tuple[int, ...]] = []
     self._owner: threading.Thread | None = None
 
-  def _check_thread(self):
-    # The contract: exactly one thread calls the engine. Fail loudly if the server breaks it.
-    current = threading.current_thread()
-    if self._owner is None:
-      self._owner = current
-    assert self._owner is current, "TargetEngine called from two threads"
+  def _check_thread(self) -> None:
+    self._owner = _check_single_owner(self._owner, "TargetEngine")
 
   @property
   def num_free_slots(self) -> int:
@@ -172,11 +176,8 @@ class FakeDraftEngine:
     self.calls: list[tuple[str, int]] = []
     self._owner: threading.Thread | None = None
 
-  def _check_thread(self):
-    current = threading.current_thread()
-    if self._owner is None:
-      self._owner = current
-    assert self._owner is current, "DraftEngine called from two threads"
+  def _check_thread(self) -> None:
+    self._owner = _check_single_owner(self._owner, "DraftEngine")
 
   @property
   def num_free_slots(self) -> int:

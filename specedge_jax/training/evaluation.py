@@ -8,7 +8,7 @@ Agreement is what speculative decoding lives on. Two views are measured on held-
   positions, how often the draft's argmax (given the same prefix) equals the target's token.
   This is the chance that one drafted greedy token is accepted.
 
-This module owns these measurements. It never trains (see `training.py`) and never runs the
+This module owns these measurements. It never trains (see `recipe.py`) and never runs the
 speculative engine.
 """
 
@@ -29,7 +29,7 @@ from specedge_jax.data import datasets
 from specedge_jax.data.tokenizers import load_tokenizer
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.transformer import Transformer, causal_mask
-from specedge_jax.training import recipe as training
+from specedge_jax.training import bpe_tokenizer, corpus, trainer
 
 EVAL_DATASETS = {name: datasets.DATASET_FILES[name] for name in ("c4", "mtbench")}
 
@@ -44,7 +44,7 @@ def load_eval_prompts(dataset_dir: str, name: str) -> list[str]:
     for text in texts:
       # The rows end with an "ASSISTANT:" cue that our template replaces with its own header.
       text = text.rsplit("ASSISTANT:", 1)[0] if text.rstrip().endswith("ASSISTANT:") else text
-      out.append(training.format_chat(training.llama2_chat_to_messages(text),
+      out.append(bpe_tokenizer.format_chat(corpus.llama2_chat_to_messages(text),
                                       add_generation_prompt=True))
     return out
   return texts
@@ -173,13 +173,13 @@ def held_out_losses(model: Transformer, tokenizer, dataset_dir: str, seq_len: in
 
   The split must match the training run's (same fraction and seed) to be held out.
   """
-  docs = training.load_training_documents(dataset_dir, use_pydoc)
-  _, validation = training.split_documents(docs, validation_fraction, seed)
-  c4 = [training.Document("c4", t) for t in load_eval_prompts(dataset_dir, "c4")]
+  docs = corpus.load_training_documents(dataset_dir, use_pydoc)
+  _, validation = corpus.split_documents(docs, validation_fraction, seed)
+  c4 = [corpus.Document("c4", t) for t in load_eval_prompts(dataset_dir, "c4")]
   return {
-      "validation": training.evaluate_loss(
-          model, training.encode_documents(tokenizer, validation), seq_len),
-      "c4": training.evaluate_loss(model, training.encode_documents(tokenizer, c4), seq_len),
+      "validation": trainer.evaluate_loss(
+          model, corpus.encode_documents(tokenizer, validation), seq_len),
+      "c4": trainer.evaluate_loss(model, corpus.encode_documents(tokenizer, c4), seq_len),
   }
 
 
