@@ -8,8 +8,6 @@
 What each side computes, and how it is timed: `specedge_jax/bench/backends.py`.
 """
 
-import dataclasses
-import json
 import os
 
 from absl import app, flags
@@ -51,8 +49,6 @@ def main(argv):
   elif _THREADS.value > 1:
     raise app.UsageError("--threads supports 0 (library defaults) or 1")
 
-  from rich.console import Console
-
   from specedge_jax.bench import backends as backend_bench
 
   if _GEMM_SHAPES.value:
@@ -60,18 +56,8 @@ def main(argv):
       shapes = [backend_bench.parse_gemm_shape(text) for text in _GEMM_SHAPES.value]
     except ValueError as e:
       raise app.UsageError(f"--gemm_shapes: {e}") from e
-    if _THREADS.value == 1:
-      import torch
-      torch.set_num_threads(1)
-    gemms = backend_bench.time_gemms(shapes, repeats=max(_REPEATS.value, 1), seed=_SEED.value)
-    console = Console(width=160)
-    console.print(backend_bench.gemm_table(gemms))
-    environment = backend_bench.environment()  # one reading for the screen and the file
-    console.print(environment)
-    if _OUT_JSON.value:
-      with open(_OUT_JSON.value, "w") as f:
-        json.dump({"gemms": [dataclasses.asdict(g) for g in gemms],
-                   "environment": environment}, f, indent=2)
+    backend_bench.run_gemms(shapes, repeats=_REPEATS.value, seed=_SEED.value,
+                            torch_threads=_THREADS.value or None, out_json=_OUT_JSON.value)
     return
 
   config = backend_bench.BenchConfig(
@@ -80,29 +66,7 @@ def main(argv):
       decode=_DECODE.value, prefix_len=_PREFIX_LEN.value, repeats=_REPEATS.value,
       warmup=_WARMUP.value, variants=tuple(_VARIANTS.value),
       torch_threads=_THREADS.value or None, seed=_SEED.value)
-  console = Console(width=220)
-  results = backend_bench.run_benchmark(
-      _HF_DIR.value, config, on_case=lambda r: console.print(
-          f"{r.case.label}: " + ", ".join(
-              f"{name} {'failed' if v.error else f'{v.median_ms:.2f} ms'}"
-              for name, v in r.results.items())))
-  for statistic in ("median", "min"):
-    console.print(backend_bench.results_table(results, config.variants, statistic))
-  for error in backend_bench.errors_of(results):
-    console.print(f"[red]{error}[/red]")
-  environment = backend_bench.environment()
-  console.print(environment)
-  if _PLOT.value:
-    threads = "library default threads" if _THREADS.value == 0 else "1 thread"
-    backend_bench.plot_results(
-        results, config.variants, _PLOT.value,
-        title=f"XLA vs PyTorch, prefix {config.prefix_len}, {threads}, "
-              f"load {environment['load average (1 min)']}")
-    console.print(f"plot: {_PLOT.value}")
-  if _OUT_JSON.value:
-    with open(_OUT_JSON.value, "w") as f:
-      json.dump({"config": dataclasses.asdict(config), "environment": environment,
-                 "cases": [dataclasses.asdict(r) for r in results]}, f, indent=2)
+  backend_bench.run(_HF_DIR.value, config, out_json=_OUT_JSON.value, plot=_PLOT.value)
 
 
 if __name__ == "__main__":

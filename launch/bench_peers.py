@@ -11,9 +11,6 @@ and HF's). Prints tokens/s, tokens per target call, where the time goes, and whe
 method emitted exactly HF greedy's tokens.
 """
 
-import json
-import sys
-
 from absl import app, flags
 
 from specedge_jax.data import assets
@@ -49,50 +46,18 @@ _PLOT = flags.DEFINE_string("plot", None, "Write a bar chart of tokens/s (PNG) h
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from rich.console import Console
-  from rich.table import Table
-  from transformers import AutoTokenizer
-
   from specedge_jax.bench import peers as peer_bench
-  from specedge_jax.data import prompts
   from specedge_jax.engine import TreeParams
 
-  # Piped output (logs, notes) gets a table wide enough not to wrap every cell.
-  console = Console(width=None if sys.stdout.isatty() else 170)
-  tokenizer = AutoTokenizer.from_pretrained(_TARGET.value)
-  prompt_ids = prompts.encode_all(tokenizer, prompts.load_records(_PROMPTS.value))
-  prompt_ids = prompt_ids[:_NUM_PROMPTS.value]
-  tree = TreeParams(_N_BEAMS.value, _BEAM_LEN.value, _BRANCH.value, _BUDGET.value)
-  eos = None if _EOS.value is None else [int(t) for t in _EOS.value]
-  with console.status("") as status:
-    result = peer_bench.run_peer_bench(
-        _TARGET.value, _DRAFT.value, prompt_ids, max_new_tokens=_MAX_NEW.value, tree=tree,
-        eos_token_ids=eos, repeats=_REPEATS.value,
-        methods=_METHODS.value or peer_bench.METHODS,
-        hf_num_assistant_tokens=_HF_TOKENS.value,
-        hf_assistant_confidence_threshold=_HF_THRESHOLD.value,
-        torch_threads=_TORCH_THREADS.value or None, on_progress=status.update)
-
-  table = Table(title=f"greedy generation, batch 1, {result.num_prompts} prompts x "
-                f"<= {result.max_new_tokens} tokens, tree {tuple(vars(tree).values())}, "
-                f"HF assistant {result.hf_assistant_settings}")
-  for column in peer_bench.SUMMARY_COLUMNS:
-    table.add_column(column, justify="left" if column in ("method", "where the time goes")
-                     else "right")
-  for row in peer_bench.summary_rows(result):
-    table.add_row(*row)
-  console.print(table)
-  for name, over in result.headline_pairs():
-    console.print(f"{name} / {over}: {result.speedup(name, over):.2f}x tokens/s")
-  for problem in peer_bench.check_identical(result):
-    console.print(f"[red]MISMATCH[/red] {problem}")
-
-  if _PLOT.value:
-    peer_bench.plot_tokens_per_s(result, _PLOT.value)
-    console.print(f"plot: {_PLOT.value}")
-  if _OUT_JSON.value:
-    with open(_OUT_JSON.value, "w") as f:
-      json.dump(result.to_json(), f, indent=2)
+  peer_bench.run(
+      _TARGET.value, _DRAFT.value, _PROMPTS.value, num_prompts=_NUM_PROMPTS.value,
+      max_new_tokens=_MAX_NEW.value,
+      tree=TreeParams(_N_BEAMS.value, _BEAM_LEN.value, _BRANCH.value, _BUDGET.value),
+      eos_token_ids=None if _EOS.value is None else [int(t) for t in _EOS.value],
+      repeats=_REPEATS.value, methods=_METHODS.value,
+      hf_num_assistant_tokens=_HF_TOKENS.value,
+      hf_assistant_confidence_threshold=_HF_THRESHOLD.value,
+      torch_threads=_TORCH_THREADS.value or None, out_json=_OUT_JSON.value, plot=_PLOT.value)
 
 
 if __name__ == "__main__":

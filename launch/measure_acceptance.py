@@ -21,25 +21,10 @@ _TREES = flags.DEFINE_list("trees", ["32:4:16:32", "4:4:2:8"],
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from transformers import AutoTokenizer
+  from specedge_jax.bench import core as core_bench
 
-  from specedge_jax import engine as E
-  from specedge_jax.checkpoints import orbax_io
-  from specedge_jax.data import prompts
-
-  target, draft = orbax_io.load_model(_TARGET.value), orbax_io.load_model(_DRAFT.value)
-  tokenizer = AutoTokenizer.from_pretrained(_TARGET.value)
-  ids = prompts.encode_all(tokenizer, prompts.load_records())[:_NUM_PROMPTS.value]
-  max_len = max(len(p) for p in ids) + _MAX_NEW.value + 40
-  target_engine = E.TargetEngine(target, num_slots=4, max_len=max_len, max_tree_nodes=33,
-                                 max_batch_size=4, eos_token_ids=target.config.eos_token_ids)
-  reference = E.generate(target_engine, ids, max_new_tokens=_MAX_NEW.value)
-  for spec in _TREES.value:
-    tree = E.TreeParams(*(int(x) for x in spec.split(":")))
-    draft_engine = E.DraftEngine(draft, num_slots=4, max_len=max_len, tree=tree)
-    out = E.generate(target_engine, ids, draft=draft_engine, max_new_tokens=_MAX_NEW.value)
-    print(f"tree {spec}: mean accepted tokens/verification {out.mean_accepted:.3f} over "
-          f"{len(out.steps)} steps; identical to target-only: {out.tokens == reference.tokens}")
+  core_bench.run_acceptance(_TARGET.value, _DRAFT.value, num_prompts=_NUM_PROMPTS.value,
+                            max_new_tokens=_MAX_NEW.value, tree_specs=_TREES.value)
 
 
 if __name__ == "__main__":

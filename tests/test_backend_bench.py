@@ -2,9 +2,13 @@
 (4D mask + cache) and our jitted forward agree on every node's logits, and each node's logits
 equal a plain forward of its root-to-node path."""
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from specedge_jax.bench import backends as bb
 from specedge_jax.testing.checkpoints import save_hf_model
@@ -82,3 +86,57 @@ def test_gemm_ceiling_times_both_libraries_on_the_same_product():
     with pytest.raises(ValueError, match="MxKxN"):
       bb.parse_gemm_shape(bad)
   bb.gemm_table([result])
+
+
+def _text(renderable) -> str:
+  console = Console(file=io.StringIO(), width=400)
+  console.print(renderable)
+  return console.file.getvalue()
+
+
+def _hand_made_case():
+  return bb.CaseResult(bb.Case("verify", 1, 32), {
+      "jax": bb.VariantResult(2.0, 1.0, 3.0, 0.5, 0.5, None),
+      "torch-eager-static": bb.VariantResult(5.0, 4.0, 6.0, 2.0, 0.1, 1e-6),
+      "torch-compile": bb.VariantResult(None, None, None, None, None, None,
+                                        "BackendCompilerFailed")})
+
+
+def test_progress_line_tables_title_and_json_show_the_results():
+  result = _hand_made_case()
+  variants = ("jax", "torch-eager-static", "torch-compile")
+  assert bb.case_line(result) == ("verify B=1 T=32: jax 2.00 ms, torch-eager-static 5.00 ms, "
+                                  "torch-compile failed")
+  median = _text(bb.results_table([result], variants, "median"))
+  row = next(line for line in median.splitlines() if "verify B=1 T=32" in line)
+  for cell in ("2.00", "5.00", "failed", "2.50", "-", "1.0e-06 ok"):
+    assert cell in row
+  for column in ("jax ms", "torch-eager-static ms", "x eager-static", "x compile"):
+    assert column in median
+  minimum = _text(bb.results_table([result], variants, "min"))
+  row = next(line for line in minimum.splitlines() if "verify B=1 T=32" in line)
+  assert "0.50" in row and "4.00" in row
+
+  gemm = bb.GemmResult((4, 8, 16), 0.5, 0.25, 1e-6)
+  gemm_text = _text(bb.gemm_table([gemm]))
+  row = next(line for line in gemm_text.splitlines() if "4x8x16" in line)
+  for cell in ("0.500", "0.250", "2.00", "1.0e-06"):
+    assert cell in row
+
+  environment = {"jax": "0", "load average (1 min)": "0.50"}
+  config = bb.BenchConfig(prefix_len=64)
+  assert bb.plot_title(config, environment) == (
+      "XLA vs PyTorch, prefix 64, library default threads, load 0.50")
+  assert bb.plot_title(bb.BenchConfig(torch_threads=1), environment) == (
+      "XLA vs PyTorch, prefix 128, 1 thread, load 0.50")
+
+  data = json.loads(json.dumps(bb.results_json(config, environment, [result])))
+  assert set(data) == {"config", "environment", "cases"}
+  assert data["config"]["prefix_len"] == 64 and data["environment"] == environment
+  (case,) = data["cases"]
+  assert case["case"] == {"kind": "verify", "batch": 1, "tree_size": 32}
+  assert case["results"]["torch-eager-static"]["median_ms"] == 5.0
+  assert case["results"]["torch-compile"]["error"] == "BackendCompilerFailed"
+  gemms = json.loads(json.dumps(bb.gemms_json([gemm], environment)))
+  assert gemms == {"gemms": [{"shape": [4, 8, 16], "xla_ms": 0.5, "torch_ms": 0.25,
+                              "max_abs_diff": 1e-6}], "environment": environment}

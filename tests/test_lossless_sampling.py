@@ -146,6 +146,7 @@ def random_trees(draw):
   return np.array(tokens, np.int32), np.array(parents, np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SAMPLING_CASES))
 @settings(max_examples=4, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,6 +1,8 @@
 """The PyTorch SpecExec reference emits exactly HF greedy's (and our engine's) tokens, and the
 peer benchmark runs end to end on tiny random models with sane figures."""
 
+import dataclasses
+import io
 import json
 import math
 
@@ -8,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hf_model
+from rich.console import Console
 
 from specedge_jax import engine as E
 from specedge_jax.bench import peers as peer_bench
 from specedge_jax.bench import torch_specexec as torch_reference
+from specedge_jax.data import tokenizers
+from specedge_jax.data.assets import DEFAULT_TARGET_DIR
 
 VOCAB = 97
 MAX_NEW = 16
@@ -157,3 +162,68 @@ def test_peer_bench_rejects_bad_input(pair_dirs):
                               methods=["ours-speculative", "vllm"])
   with pytest.raises(ValueError, match="non-empty"):
     peer_bench.run_peer_bench(target_dir, draft_dir, [[1], []], max_new_tokens=4)
+
+
+def _hand_made_result() -> peer_bench.PeerBenchResult:
+  tokens = [[1, 2, 3, 4], [5, 6, 7, 8]]
+  method = lambda name, seconds, calls, **times: peer_bench.MethodResult(
+      name, [list(t) for t in tokens], seconds, calls, **times)
+  methods = {
+      "ours-speculative": method("ours-speculative", [0.5, 0.5], 4, draft_s=0.25, verify_s=0.5),
+      "torch-specexec": method("torch-specexec", [1.0, 1.0], 4, target_forward_s=1.0,
+                               draft_forward_s=0.5),
+      "hf-assisted": method("hf-assisted", [2.0, 2.0], 8, target_forward_s=2.0,
+                            draft_forward_s=1.0),
+      "hf-greedy": method("hf-greedy", [2.0, 2.0], 8, target_forward_s=3.0),
+  }
+  return peer_bench.PeerBenchResult(
+      methods=methods, identical_tokens={name: True for name in methods}, identical_texts=None,
+      num_prompts=2, max_new_tokens=4, tree=TREE, eos_token_ids=(), hf_assistant_settings={})
+
+
+def test_summary_table_report_plot_and_json(tmp_path):
+  result = _hand_made_result()
+  table = peer_bench.summary_table(result)
+  assert table.title == ("greedy generation, batch 1, 2 prompts x <= 4 tokens, tree (4, 3, 3, 8), "
+                         "HF assistant {}")
+  assert table.row_count == 4
+  console = Console(file=io.StringIO(), width=400)
+  peer_bench.print_summary(result, console)
+  text = console.file.getvalue()
+  for column in peer_bench.SUMMARY_COLUMNS:
+    assert column in text
+  ours = next(line for line in text.splitlines() if "ours-speculative " in line and "│" in line)
+  for cell in ("8.0", "4.00x", "2.00", "draft 25%, verify/decode 50%", "yes"):
+    assert cell in ours
+  torch_row = next(line for line in text.splitlines() if "torch-specexec " in line and "│" in line)
+  assert "target fwd 50%, draft fwd 25%, other 25%" in torch_row
+  assert "ours-speculative / torch-specexec: 2.00x tokens/s" in text
+  assert "ours-speculative / hf-assisted: 4.00x tokens/s" in text
+  assert "MISMATCH" not in text
+
+  changed = dataclasses.replace(result.methods["torch-specexec"], tokens=[[1, 2, 3, 4], [5, 0]])
+  result.methods["torch-specexec"] = changed
+  console = Console(file=io.StringIO(), width=400)
+  peer_bench.print_summary(result, console)
+  assert "MISMATCH torch-specexec: prompt 1 departs from hf-greedy at token 1" in (
+      console.file.getvalue())
+
+  path = tmp_path / "peers.json"
+  peer_bench.write_json(result, str(path))
+  data = json.loads(path.read_text())
+  assert data["speedups"]["ours-speculative / hf-assisted"] == 4.0
+  assert data["methods"]["ours-speculative"]["tokens_per_s"] == 8.0
+  assert data["tree"]["max_budget"] == 8 and data["num_prompts"] == 2
+  plot = tmp_path / "peers.png"
+  peer_bench.plot_tokens_per_s(result, str(plot))
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+
+
+def test_tokenizer_is_loaded_only_where_one_was_saved(tmp_path):
+  assert not tokenizers.has_tokenizer(tmp_path)
+  assert peer_bench._load_tokenizer(str(tmp_path)) is None
+  (tmp_path / "tokenizer.model").write_bytes(b"")
+  assert tokenizers.has_tokenizer(tmp_path)
+  assert tokenizers.has_tokenizer(DEFAULT_TARGET_DIR)
+  tokenizer = peer_bench._load_tokenizer(DEFAULT_TARGET_DIR)
+  assert tokenizer.decode(tokenizer.encode("hello world")) == "hello world"

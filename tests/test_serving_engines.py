@@ -108,6 +108,7 @@ def test_greedy_over_grpc_equals_target_greedy(pair, workload, batching, proacti
                                            and e["op"] == "verify"])
 
 
+@pytest.mark.slow
 def test_prefill_cache_restores_repeated_prompts_exactly(pair, workload):
   """A replayed prompt is restored from its snapshot (no prompt forward) and the session
   continues exactly as a prefilled one: greedy equals the reference, and sampling equals the

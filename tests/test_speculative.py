@@ -102,6 +102,7 @@ def test_trained_style_pair_accepts_deep_paths(pair):
   assert out.mean_accepted > 4.0
 
 
+@pytest.mark.slow
 def test_eos_and_max_new_tokens(pair):
   target, draft = pair
   prompts = spec_models.prompts(6, VOCAB, seed=2)

@@ -37,12 +37,16 @@ with its outputs materialized (`block_until_ready` for jax; torch CPU calls are 
 
 Shapes: see specedge_jax/shapes.py (here the cache has one slot per lane, so its slot axis is B).
 
+`run` (the model cases) and `run_gemms` (--gemm_shapes) are `launch/bench_backends.py`'s runs:
+progress lines, tables, plot and JSON.
+
 This module owns the benchmark. It never changes the model or the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -556,3 +560,78 @@ def plot_results(results: Sequence[CaseResult], variants: Sequence[str], path: s
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The launcher's runs (`launch/bench_backends.py`): progress lines, tables, plot and JSON.
+
+
+def case_line(result: CaseResult) -> str:
+  """One progress line per finished case: each variant's median ms, or 'failed'."""
+  return f"{result.case.label}: " + ", ".join(
+      f"{name} {'failed' if v.error else f'{v.median_ms:.2f} ms'}"
+      for name, v in result.results.items())
+
+
+def gemms_json(gemms: Sequence[GemmResult], environment: dict[str, str]) -> dict:
+  return {"gemms": [dataclasses.asdict(g) for g in gemms], "environment": environment}
+
+
+def results_json(config: BenchConfig, environment: dict[str, str],
+                 results: Sequence[CaseResult]) -> dict:
+  return {"config": dataclasses.asdict(config), "environment": environment,
+          "cases": [dataclasses.asdict(r) for r in results]}
+
+
+def plot_title(config: BenchConfig, environment: dict[str, str]) -> str:
+  threads = ("library default threads" if not config.torch_threads else
+             "1 thread" if config.torch_threads == 1 else f"{config.torch_threads} threads")
+  return (f"XLA vs PyTorch, prefix {config.prefix_len}, {threads}, "
+          f"load {environment['load average (1 min)']}")
+
+
+def _write_json(data: dict, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2)
+
+
+def run_gemms(shapes: Sequence[tuple[int, int, int]], *, repeats: int, seed: int = 0,
+              torch_threads: int | None = None, out_json: str | None = None,
+              console=None) -> list[GemmResult]:
+  """The --gemm_shapes run: times the GEMMs (at least one repeat), prints their table and the
+  environment, and writes the JSON when asked."""
+  from rich.console import Console
+
+  if torch_threads:
+    import torch
+    torch.set_num_threads(torch_threads)
+  gemms = time_gemms(shapes, repeats=max(repeats, 1), seed=seed)
+  console = console or Console(width=160)
+  console.print(gemm_table(gemms))
+  env = environment()  # one reading for the screen and the file
+  console.print(env)
+  if out_json:
+    _write_json(gemms_json(gemms, env), out_json)
+  return gemms
+
+
+def run(hf_dir: str | None, config: BenchConfig, *, out_json: str | None = None,
+        plot: str | None = None, console=None) -> list[CaseResult]:
+  """The model run: every case (a line each as it finishes), the median and min tables, the
+  errors, the environment, and the plot and JSON when asked."""
+  from rich.console import Console
+
+  console = console or Console(width=220)
+  results = run_benchmark(hf_dir, config, on_case=lambda r: console.print(case_line(r)))
+  for statistic in ("median", "min"):
+    console.print(results_table(results, config.variants, statistic))
+  for error in errors_of(results):
+    console.print(f"[red]{error}[/red]")
+  env = environment()
+  console.print(env)
+  if plot:
+    plot_results(results, config.variants, plot, title=plot_title(config, env))
+    console.print(f"plot: {plot}")
+  if out_json:
+    _write_json(results_json(config, env, results), out_json)
+  return results

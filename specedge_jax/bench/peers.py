@@ -26,18 +26,22 @@ inside the target's and the draft's forward calls and count the target calls; th
 generation is the loop's own host work (Python, logits processing, cache management). For our
 engine the per-step draft and verify wall times come from `engine.StepStats`.
 
+`run` is `launch/bench_peers.py`'s whole run: the prompts, `run_peer_bench`, the printed summary
+(`summary_table`, `print_summary`), the plot and the JSON.
+
 This module owns the benchmark. It never changes models, engines or the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
+import sys
 import time
 from typing import Callable, Sequence
 
 from specedge_jax import engine as E
-from specedge_jax.spec import sampling as sampling_lib
+from specedge_jax.data import tokenizers
 
 METHODS = ("ours-speculative", "ours-target-only", "torch-specexec", "hf-assisted", "hf-greedy")
 REFERENCE = "hf-greedy"
@@ -149,12 +153,8 @@ def load_torch_model(folder: str):
 
 
 def _load_tokenizer(folder: str):
-  if not any(os.path.exists(os.path.join(folder, name))
-             for name in ("tokenizer.json", "tokenizer_config.json")):
-    return None
-  from transformers import AutoTokenizer
-
-  return AutoTokenizer.from_pretrained(folder)
+  """The folder's tokenizer, or None when it has none (random test checkpoints)."""
+  return tokenizers.load_tokenizer(folder) if tokenizers.has_tokenizer(folder) else None
 
 
 def run_peer_bench(target_dir: str, draft_dir: str, prompts: Sequence[Sequence[int]], *,
@@ -243,7 +243,7 @@ def _run(target_dir, draft_dir, prompts, *, max_new_tokens, tree, eos_token_ids,
   draft_engine = E.DraftEngine(draft_jax, num_slots=1, max_len=max_len, tree=tree)
   reference_loop = torch_reference.TorchSpecExec(target_hf, draft_hf, tree, eos)
   target_timer, draft_timer = _ForwardTimer(target_hf), _ForwardTimer(draft_hf)
-  greedy = sampling_lib.GREEDY
+  greedy = E.GREEDY
 
   def ours(prompt, speculative: bool) -> _Run:
     out = E.generate(target_engine, [list(prompt)], draft=draft_engine if speculative else None,
@@ -395,3 +395,66 @@ def check_identical(result: PeerBenchResult) -> list[str]:
       problems.append(f"{name}: decoded text differs from {REFERENCE}")
   return problems
 
+
+def summary_table(result: PeerBenchResult):
+  """The rich table of `summary_rows`, titled with the run's settings."""
+  from rich.table import Table
+
+  table = Table(title=f"greedy generation, batch 1, {result.num_prompts} prompts x "
+                f"<= {result.max_new_tokens} tokens, tree {tuple(vars(result.tree).values())}, "
+                f"HF assistant {result.hf_assistant_settings}")
+  for column in SUMMARY_COLUMNS:
+    table.add_column(column, justify="left" if column in ("method", "where the time goes")
+                     else "right")
+  for row in summary_rows(result):
+    table.add_row(*row)
+  return table
+
+
+def print_summary(result: PeerBenchResult, console) -> None:
+  """The table, the headline speed-ups, and every mismatch against the reference."""
+  console.print(summary_table(result))
+  for name, over in result.headline_pairs():
+    console.print(f"{name} / {over}: {result.speedup(name, over):.2f}x tokens/s")
+  for problem in check_identical(result):
+    console.print(f"[red]MISMATCH[/red] {problem}")
+
+
+def write_json(result: PeerBenchResult, path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(result.to_json(), f, indent=2)
+
+
+def run(target_dir: str, draft_dir: str, prompts_path: str, *, num_prompts: int,
+        max_new_tokens: int, tree: E.TreeParams, eos_token_ids: Sequence[int] | None,
+        repeats: int, methods: Sequence[str] | None = None,
+        hf_num_assistant_tokens: int | None = None,
+        hf_assistant_confidence_threshold: float | None = None,
+        torch_threads: int | None = None, out_json: str | None = None,
+        plot: str | None = None, console=None) -> PeerBenchResult:
+  """What `launch/bench_peers.py` does: encodes the first `num_prompts` prompt records with the
+  target's tokenizer, runs `run_peer_bench`, prints the summary, and writes the plot and JSON
+  when asked. `methods` None runs all of METHODS."""
+  from rich.console import Console
+
+  from specedge_jax.data import prompts as prompts_lib
+
+  # Piped output (logs, notes) gets a table wide enough not to wrap every cell.
+  console = console or Console(width=None if sys.stdout.isatty() else 170)
+  tokenizer = tokenizers.load_tokenizer(target_dir)
+  prompt_ids = prompts_lib.encode_all(tokenizer, prompts_lib.load_records(prompts_path))
+  prompt_ids = prompt_ids[:num_prompts]
+  with console.status("") as status:
+    result = run_peer_bench(
+        target_dir, draft_dir, prompt_ids, max_new_tokens=max_new_tokens, tree=tree,
+        eos_token_ids=eos_token_ids, repeats=repeats, methods=methods or METHODS,
+        hf_num_assistant_tokens=hf_num_assistant_tokens,
+        hf_assistant_confidence_threshold=hf_assistant_confidence_threshold,
+        torch_threads=torch_threads, on_progress=status.update)
+  print_summary(result, console)
+  if plot:
+    plot_tokens_per_s(result, plot)
+    console.print(f"plot: {plot}")
+  if out_json:
+    write_json(result, out_json)
+  return result

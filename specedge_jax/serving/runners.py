@@ -22,6 +22,7 @@ import numpy as np
 from specedge_jax.engine import DraftEngine, TargetEngine
 from specedge_jax.measure.events import EventLog
 from specedge_jax.api import SamplingParams
+from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
 from specedge_jax.serving import workload
 from specedge_jax.serving.serving_config import ServingConfig
@@ -35,11 +36,6 @@ def load_model(path: str, dtype: str = ""):
   from specedge_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top (loads orbax)
 
   return orbax_io.load_model(path, dtype=dtype or None)
-
-
-def has_tokenizer(folder: str) -> bool:
-  return any(os.path.isfile(os.path.join(folder, name))
-             for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def event_log(path: str | None, system: str) -> EventLog | None:
