@@ -38,15 +38,14 @@ def served_pair_dirs(tmp_path_factory):
   work): the pair that the process-level tests (local cluster, sweep) serve."""
   from specedge_jax.checkpoints import hf
   from specedge_jax.data import prompts
+  from specedge_jax.testing import tiny_models
   from specedge_jax.training import bpe_tokenizer
-
-  import spec_models
 
   records = prompts.load_records()
   texts = [r["text"] if "text" in r else " ".join(m["content"] for m in r["messages"])
            for r in records]
   tokenizer = bpe_tokenizer.train_tokenizer(texts * 4, vocab_size=len(bpe_tokenizer.SPECIAL_TOKENS) + 320)
-  target, draft = spec_models.make_pair(len(tokenizer), noise=0.005)
+  target, draft = tiny_models.make_pair(len(tokenizer), noise=0.005)
   root = tmp_path_factory.mktemp("served_pair")
   dirs = {}
   for name, model in (("target", target), ("draft", draft)):

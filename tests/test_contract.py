@@ -14,9 +14,7 @@ import pytest
 
 from specedge_jax import api
 from specedge_jax import engine as E
-from specedge_jax.testing import fakes
-
-import spec_models
+from specedge_jax.testing import fakes, tiny_models
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HEAVY = ("jax", "jaxlib", "flax", "optax", "orbax", "torch")
@@ -45,7 +43,7 @@ def test_type_check_of_contract_serving_and_testing():
 def test_engines_are_instances_of_the_protocols():
   assert isinstance(fakes.FakeTargetEngine(), api.TargetEngineProtocol)
   assert isinstance(fakes.FakeDraftEngine(), api.DraftEngineProtocol)
-  target, draft = spec_models.make_pair(vocab_size=32)
+  target, draft = tiny_models.make_pair(vocab_size=32)
   target_engine = E.TargetEngine(target, num_slots=2, max_len=64, max_tree_nodes=8,
                                  max_batch_size=2)
   draft_engine = E.DraftEngine(draft, num_slots=2, max_len=32, tree=E.TreeParams(2, 2, 2, 4))

@@ -200,7 +200,7 @@ def _child_env(options: LocalOptions) -> dict[str, str]:
   env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
   if options.compilation_cache_dir:
     env.update(JAX_COMPILATION_CACHE_DIR=options.compilation_cache_dir,
-               # Cache every program: ours are many and small, each compiled in < 1 s.
+               # Cache every program: ours are many and small, each below the default threshold.
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env

@@ -11,7 +11,7 @@ which runs
 
 and then rewrites the generated `import specedge_pb2` in `specedge_pb2_grpc.py` into a
 package-relative import, so the modules work from inside the `specedge_jax.serving` package.
-`tests/test_proto.py` checks that regenerating gives byte-identical files.
+`tests/serving/test_proto.py` checks that regenerating gives byte-identical files.
 
 The generated code pins minimum runtime versions (grpcio, protobuf) of the grpcio-tools that made
 it; `pyproject.toml` states the same minimums.

@@ -10,15 +10,14 @@ from rich.console import Console
 
 from specedge_jax import engine as E
 from specedge_jax.bench import core as core_bench
-
-import spec_models
+from specedge_jax.testing import tiny_models
 
 VOCAB = 64
 
 
 @pytest.fixture(scope="module")
 def pair():
-  return spec_models.make_pair(VOCAB, noise=0.005)
+  return tiny_models.make_pair(VOCAB, noise=0.005)
 
 
 @pytest.mark.slow
@@ -35,7 +34,7 @@ def test_verify_curve_covers_the_grid_relative_to_one_token(pair):
 @pytest.mark.slow
 def test_generation_comparison_is_exact_warm_and_best_of_its_passes(pair):
   target, draft = pair
-  prompts = spec_models.prompts(3, VOCAB, seed=5, max_len=12)
+  prompts = tiny_models.prompts(3, VOCAB, seed=5, max_len=12)
   comparison = core_bench.compare_generation(
       target, draft, prompts, batch_size=1, tree=E.TreeParams(2, 3, 2, 6),
       proactive=E.ProactiveParams(mode="disabled"), max_new_tokens=8, repeats=2)
@@ -149,7 +148,7 @@ def test_acceptance_line_and_tree_spec():
 @pytest.mark.slow
 def test_measure_acceptance_is_exact_on_the_tiny_pair(pair):
   target, draft = pair
-  prompts = spec_models.prompts(2, VOCAB, seed=3, max_len=10)
+  prompts = tiny_models.prompts(2, VOCAB, seed=3, max_len=10)
   seen = []
   results = core_bench.measure_acceptance(target, draft, prompts, ["2:3:2:6"], max_new_tokens=6,
                                           on_result=seen.append)

@@ -16,7 +16,7 @@ import pytest
 
 from specedge_jax.serving import processes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def local_argv(served_pair_dirs, out_dir, cache_dir, *extra):

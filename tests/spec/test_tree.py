@@ -19,8 +19,7 @@ from specedge_jax.models.transformer import split_model
 from specedge_jax.spec import draft as draft_lib
 from specedge_jax.spec import tree as tree_lib
 from specedge_jax.spec import verify as verify_lib
-
-import spec_models
+from specedge_jax.testing import tiny_models
 
 VOCAB = 32
 CAPACITY = 13
@@ -31,7 +30,7 @@ ROWS = 64
 
 @pytest.fixture(scope="module")
 def draft_model():
-  _, draft = spec_models.make_pair(VOCAB, sharpen=4.0, noise=0.1, seed=4)
+  _, draft = tiny_models.make_pair(VOCAB, sharpen=4.0, noise=0.1, seed=4)
   return (*split_model(draft), draft.config)
 
 
@@ -147,7 +146,7 @@ def test_accepted_path_is_a_root_path(draft_model, budget, seed, temperature):
   tree, _ = grow_tree(draft_model, shape=SHAPES[0], budget=budget, steps=3, root=1, seed=seed)
   tokens, parents = tree_lib.wire_arrays(tree)
   api.validate_tree(tokens, parents, max_nodes=CAPACITY, vocab_size=VOCAB)
-  target, _ = spec_models.make_pair(VOCAB, sharpen=4.0, seed=4)
+  target, _ = tiny_models.make_pair(VOCAB, sharpen=4.0, seed=4)
   graphdef, state = split_model(target)
   cache = kv.KVCache.init(target.config, 2, ROWS)
   n = len(tokens)

@@ -17,7 +17,7 @@ import transformers
 from specedge_jax.checkpoints import hf
 from specedge_jax.models.model_config import ModelConfig
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs", "hf")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "hf")
 
 # name -> (tied embeddings, parameters as rounded on the model cards)
 PUBLISHED = {

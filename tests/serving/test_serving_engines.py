@@ -3,7 +3,7 @@ emit exactly the target's greedy tokens, for K=2 interleaved requests per edge, 
 drafting on and off, static and dynamic batching. Also the prefill cache.
 
 Proactive mode 'included' differs from 'excluded' only inside the draft engine (how many growth
-steps a re-rooted tree still gets); tests/test_speculative.py covers it in process.
+steps a re-rooted tree still gets); tests/engine/test_speculative.py covers it in process.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from specedge_jax.serving import baselines
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
 from specedge_jax.serving.serving_config import BatchingConfig
 from specedge_jax.serving.verifier import VerifierServer
-
-import spec_models
+from specedge_jax.testing import tiny_models
 
 VOCAB = 64
 MAX_NEW = 16
@@ -35,13 +34,13 @@ NUM_EDGES, REQUESTS_PER_EDGE = 2, 3
 @pytest.fixture(scope="module")
 def pair():
   # A close draft (small noise) so that deep paths get accepted (about 2.6 tokens per step).
-  return spec_models.make_pair(VOCAB, noise=0.005)
+  return tiny_models.make_pair(VOCAB, noise=0.005)
 
 
 @pytest.fixture(scope="module")
 def workload(pair):
   target, _ = pair
-  prompts = spec_models.prompts(NUM_EDGES * REQUESTS_PER_EDGE, VOCAB, seed=3)
+  prompts = tiny_models.prompts(NUM_EDGES * REQUESTS_PER_EDGE, VOCAB, seed=3)
   engine = E.TargetEngine(target, num_slots=4, max_len=MAX_LEN,
                           max_tree_nodes=TREE.max_budget + 1, max_batch_size=4)
   reference = E.generate(engine, prompts, max_new_tokens=MAX_NEW).tokens

@@ -10,8 +10,7 @@ from specedge_jax import engine as E
 from specedge_jax.engine import prefill as engine_prefill
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.transformer import causal_mask, split_model
-
-import spec_models
+from specedge_jax.testing import tiny_models
 
 VOCAB = 64
 MAX_NEW = 16
@@ -19,13 +18,13 @@ MAX_NEW = 16
 
 @pytest.fixture(scope="module")
 def pair():
-  return spec_models.make_pair(VOCAB)
+  return tiny_models.make_pair(VOCAB)
 
 
 @pytest.fixture(scope="module")
 def greedy_reference(pair):
   target, _ = pair
-  prompts = spec_models.prompts(20, VOCAB, seed=1)
+  prompts = tiny_models.prompts(20, VOCAB, seed=1)
   engine = E.TargetEngine(target, num_slots=3, max_len=96, max_tree_nodes=33, max_batch_size=3)
   return prompts, E.generate(engine, prompts, max_new_tokens=MAX_NEW).tokens
 
@@ -94,7 +93,7 @@ def test_a_tree_after_a_proactive_hit_fills_the_main_budget(pair, greedy_referen
 def test_trained_style_pair_accepts_deep_paths(pair):
   """With an identical draft, SpecExec should accept (nearly) full-depth paths."""
   target, _ = pair
-  prompts = spec_models.prompts(4, VOCAB, seed=5)
+  prompts = tiny_models.prompts(4, VOCAB, seed=5)
   target_engine = E.TargetEngine(target, num_slots=4, max_len=96, max_tree_nodes=33,
                                  max_batch_size=4)
   draft_engine = E.DraftEngine(target, num_slots=4, max_len=96, tree=TREES["budget32"])
@@ -105,7 +104,7 @@ def test_trained_style_pair_accepts_deep_paths(pair):
 @pytest.mark.slow
 def test_eos_and_max_new_tokens(pair):
   target, draft = pair
-  prompts = spec_models.prompts(6, VOCAB, seed=2)
+  prompts = tiny_models.prompts(6, VOCAB, seed=2)
   plain = E.TargetEngine(target, num_slots=3, max_len=96, max_tree_nodes=33, max_batch_size=3)
   reference = E.generate(plain, prompts, max_new_tokens=MAX_NEW).tokens
   # Make the 5th generated token of the first prompt an EOS: generation must stop right there.
@@ -125,7 +124,7 @@ def test_eos_and_max_new_tokens(pair):
 
 def test_chunked_prefill_matches_full_forward(pair):
   target, _ = pair
-  prompt = spec_models.prompts(1, VOCAB, seed=3, min_len=150, max_len=150)[0]
+  prompt = tiny_models.prompts(1, VOCAB, seed=3, min_len=150, max_len=150)[0]
   cache = kv.KVCache.init(target.config, 2, 192)
   graphdef, state = split_model(target)
   cache, last = engine_prefill.prefill(graphdef, state, cache, 1, prompt, 0, (8, 64))
@@ -178,11 +177,11 @@ def test_no_recompilation_in_steady_state(pair):
   target_engine.warmup()
   # Warm-up pass over the same kinds of work (prompt chunk sizes, every batch size, hits and
   # misses) the measured pass will do.
-  E.generate(target_engine, spec_models.prompts(8, VOCAB, seed=10, max_len=40),
+  E.generate(target_engine, tiny_models.prompts(8, VOCAB, seed=10, max_len=40),
              draft=draft_engine, max_new_tokens=20)
-  E.generate(target_engine, spec_models.prompts(3, VOCAB, seed=11), max_new_tokens=4)
+  E.generate(target_engine, tiny_models.prompts(3, VOCAB, seed=11), max_new_tokens=4)
   compiles.clear()
-  out = E.generate(target_engine, spec_models.prompts(12, VOCAB, seed=12, max_len=40),
+  out = E.generate(target_engine, tiny_models.prompts(12, VOCAB, seed=12, max_len=40),
                    draft=draft_engine, max_new_tokens=24)
   assert len(out.steps) >= 50
   assert len({n for s in out.steps for n in s.emitted}) > 2, "accept lengths did not vary"

@@ -241,7 +241,7 @@ def test_report_launcher(logs, tmp_path):
   # Run the launcher as a user does, in its own process: launchers define absl flags at import,
   # and several define the same names (--out_dir), so two launchers cannot share one process.
   out_dir = tmp_path / "launcher_out"
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   result = subprocess.run(
       [sys.executable, "-m", "launch.report", f"--events={logs / 'spec' / '*.jsonl'}",
        f"--out_dir={out_dir}", "--itl_slo_ms=300", "--gpu_price=A100-80GB=10"],

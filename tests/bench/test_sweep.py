@@ -13,7 +13,7 @@ import pytest
 from specedge_jax.bench import sweep
 from specedge_jax.serving.serving_config import ServingConfig
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.slow

@@ -29,8 +29,7 @@ from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.transformer import causal_mask, split_model
 from specedge_jax.spec import sampling
 from specedge_jax.spec import verify as verify_lib
-
-import spec_models
+from specedge_jax.testing import tiny_models
 
 VOCAB = 8
 ALPHA = 1e-3
@@ -46,7 +45,7 @@ SAMPLING_CASES = {
 
 @pytest.fixture(scope="module")
 def models():
-  return spec_models.make_pair(VOCAB, sharpen=6.0, noise=0.05, seed=3)
+  return tiny_models.make_pair(VOCAB, sharpen=6.0, noise=0.05, seed=3)
 
 
 def exact_next(model, sequences, params):

@@ -9,7 +9,7 @@ from specedge_jax.serving import workload
 from specedge_jax.serving.drafter import EdgeRequest
 from specedge_jax.serving.serving_config import ServingConfig
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILES = ("embedded.py", "qwen3_14b_1_7b.py", "qwen3_32b_1_7b.py")
 
 

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model
 from rich.console import Console
 
 from specedge_jax import engine as E
@@ -17,6 +16,7 @@ from specedge_jax.bench import peers as peer_bench
 from specedge_jax.bench import torch_specexec as torch_reference
 from specedge_jax.data import tokenizers
 from specedge_jax.data.assets import DEFAULT_TARGET_DIR
+from specedge_jax.testing.checkpoints import make_hf_model
 
 VOCAB = 97
 MAX_NEW = 16

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import HF_FAMILIES
 
 from specedge_jax.checkpoints import hf
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.transformer import causal_mask
+from specedge_jax.testing.configs import HF_FAMILIES
 
 ATOL = 1e-4
 
