@@ -107,8 +107,8 @@ class ProactiveParams:
 class DraftTree:
   """A tree as it travels edge -> server."""
 
-  tokens: np.ndarray  # int32 [n]; tokens[0] is the root
-  parents: np.ndarray  # int32 [n]; parents[0] == -1, 0 <= parents[i] < i
+  tokens: np.ndarray  # int32 [N]; tokens[0] is the root (shapes: specedge_jax/shapes.py)
+  parents: np.ndarray  # int32 [N]; parents[0] == -1, 0 <= parents[i] < i
 
   @classmethod
   def root_only(cls, token: int) -> "DraftTree":

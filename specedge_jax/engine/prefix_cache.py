@@ -30,8 +30,8 @@ _MIN_BUCKET = 8
 class PrefillSnapshot:
   prompt_ids: tuple[int, ...]
   # Host memory (numpy), as the reference offloads them: device memory is for live slots.
-  k: np.ndarray  # [layers, bucket, kv_heads, head_dim]: rows of prompt_ids[:-1]
-  v: np.ndarray  # [layers, bucket, kv_heads, head_dim]
+  k: np.ndarray  # [L, S, K, H], S a power-of-two bucket: the rows of prompt_ids[:-1]
+  v: np.ndarray  # [L, S, K, H]
 
   @property
   def rows(self) -> int:
