@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
           # Host-memory snapshots of replayed prompts (the reference's cache_prefill); the
           # sampled Spec-Bench rows (480 / 8) all fit.
           "prefill_cache_entries": 64,
-          "session_timeout_s": 600.0,
+          "session_timeout_s": 30.0,  # the lease: a silent client's slot comes back after it
+          "max_sessions_per_client": 4,  # a drafter runs requests_per_drafter sessions
           "batching": {"mode": "dynamic", "max_wait_ms": 1.0, "static_timeout_s": 5.0},
       },
       "edge": {

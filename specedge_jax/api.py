@@ -32,6 +32,10 @@ import numpy as np
 # Request parameters
 
 
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How the target draws tokens. Temperature 0 is greedy; top_k 0 and top_p 1 are off."""
@@ -43,8 +47,14 @@ class SamplingParams:
   def __post_init__(self):
     if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
       raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    # Degenerate values are refused rather than sampled: below MIN_TEMPERATURE, logits divided
+    # by the temperature can overflow float32 (and NaNs pick an arbitrary token), and a top_p
+    # below float32's smallest normal rounds to 0 or keeps no token at all.
+    if 0.0 < self.temperature < MIN_TEMPERATURE:
+      raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got "
+                       f"{self.temperature}")
+    if not MIN_TOP_P <= self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], at least {MIN_TOP_P:.3g}, got {self.top_p}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 

@@ -20,8 +20,10 @@ Batching policy
 A batch runs when the pending verifies reach `max_batch_size`, or when every *active* session
 (open, not finished) has a verify pending (nobody else can join), or at a deadline counted from
 the oldest pending verify: `dynamic` mode waits at most `max_wait_ms` (take what is queued),
-`static` mode waits for a full batch but at most `static_timeout_s` (so a client that died without
-closing its session cannot stall everyone forever).
+`static` mode waits for a full batch but at most `static_timeout_s`. A session that a static
+batch waited for and that did not come is *late*: no batch waits for it again until it sends a
+verify, so a dead or silent client costs the others one bounded wait in all, not one per round,
+until its lease runs out and the servicer closes it.
 
 Where the GIL blocks
 --------------------
@@ -160,6 +162,10 @@ class EngineWorker:
     # Slots that are open and not finished: they may still send a verify. Static batching waits
     # for at most this many.
     self._active_slots: set[int] = set()
+    # Active slots that missed a static batch they were waited for (their client is slow, dead or
+    # silent): no batch waits for them again until they send a verify. A dead client thus costs
+    # the others one bounded wait, not one per round, until its lease runs out.
+    self._late_slots: set[int] = set()
     self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
     self.batches_run = 0
 
@@ -219,7 +225,7 @@ class EngineWorker:
     if pending >= self._max_batch_size:
       return True
     waiting_slots = {job.slot for job in self._pending}
-    if self._active_slots <= waiting_slots:  # every session that could join has joined
+    if self._active_slots - self._late_slots <= waiting_slots:  # every due session has joined
       return True
     return time.time() >= self._pending[0].enqueued_at + self._batching.deadline_s()
 
@@ -234,6 +240,7 @@ class EngineWorker:
         if job.slot not in self._active_slots:
           raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"slot {job.slot} is not an active session")
+        self._late_slots.discard(job.slot)  # it is back: later batches wait for it again
         self._pending.append(job)
       else:
         raise TypeError(f"unknown job {job!r}")
@@ -277,12 +284,18 @@ class EngineWorker:
         kept.append(pending)
     self._pending = kept
     self._active_slots.discard(job.slot)
+    self._late_slots.discard(job.slot)
     self._engine.close(job.slot)
 
   def _run_batch(self) -> None:
     batch: list[_VerifyJob] = []
     while self._pending and len(batch) < self._max_batch_size:
       batch.append(self._pending.popleft())
+    if self._batching.mode == "static" and len(batch) < self._max_batch_size:
+      # Room was left and the batch ran anyway: due sessions that did not join were waited for
+      # until the deadline. Stop waiting for them.
+      present = {job.slot for job in batch} | {job.slot for job in self._pending}
+      self._late_slots |= self._active_slots - present
     started = time.time()
     try:
       results = self._engine.verify([(job.slot, job.tree) for job in batch])

@@ -19,11 +19,12 @@ millisecond).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -37,6 +38,18 @@ from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
 _log = logging.getLogger(__name__)
 
 _MAX_SEED = 2**63 - 1
+# Bounds checked before any work, so an oversized request costs neither time nor memory.
+MAX_LABEL_CHARS = 256  # client_id, request_id
+MAX_SESSION_ID_CHARS = 64  # ours are 32 hex digits
+PROMPT_TEXT_BYTES_PER_ROW = 32  # prompt_text may hold at most this many bytes per cache row
+
+# identify(metadata) -> the authenticated client's name, or None (see serving/security.py).
+Identify = Callable[[Sequence[tuple[str, str | bytes]]], str | None]
+
+
+def _short(text: str, limit: int = 24) -> str:
+  """An id as error messages quote it: never the whole of an oversized one."""
+  return repr(text) if len(text) <= limit else repr(text[:limit] + "...")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +75,8 @@ class _Session:
   slot: int
   request_id: str
   client_id: str
+  owner: str  # the authenticated client that opened it ("" without authentication)
+  quota_key: str  # whose quota it counts against: the owner, else the client_id label
   prompt_tokens: int
   max_new_tokens: int
   last_token: int  # the root the next tree must carry
@@ -91,13 +106,23 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   """The `specedge.v1.Verifier` handlers. Runs on the event loop; see the module docstring."""
 
   def __init__(self, worker: EngineWorker, limits: EngineLimits, *, tokenizer=None,
-               eos_token_ids: Sequence[int] = ()):
+               eos_token_ids: Sequence[int] = (), identify: Identify | None = None,
+               max_sessions_per_client: int = 0):
+    """`identify` names the caller from its metadata (None: no authentication, every caller is
+    the same anonymous client). `max_sessions_per_client` caps the sessions (open or opening)
+    one client may hold, keyed by its authenticated name, else by its `client_id` label; 0 is
+    no cap beyond the slots."""
+    if max_sessions_per_client < 0:
+      raise ValueError(f"max_sessions_per_client must be >= 0, got {max_sessions_per_client}")
     self._worker = worker
     self._limits = limits
     self._tokenizer = tokenizer
     self._eos_token_ids = tuple(int(t) for t in eos_token_ids)
+    self._identify = identify
+    self._max_sessions_per_client = max_sessions_per_client
     self.sessions: dict[str, _Session] = {}
     self._opens_in_flight = 0
+    self._opens_in_flight_by: collections.Counter[str] = collections.Counter()
 
   # -- helpers -----------------------------------------------------------------------------------
 
@@ -108,16 +133,35 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     self._worker.submit(job)
     return await asyncio.shield(job.future)
 
-  def _session(self, session_id: str) -> _Session:
+  def _caller(self, context: grpc.aio.ServicerContext) -> str:
+    """The authenticated name of the caller ("" without authentication)."""
+    if self._identify is None:
+      return ""
+    name = self._identify(context.invocation_metadata() or ())
+    if name is None:  # the interceptor refuses these first; this is the handler's own check
+      raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+    return name
+
+  def _session(self, session_id: str, caller: str) -> _Session:
     if not session_id:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+    if len(session_id) > MAX_SESSION_ID_CHARS:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"session_id has {len(session_id)} characters; ids have at most "
+                         f"{MAX_SESSION_ID_CHARS}")
     session = self.sessions.get(session_id)
     if session is None:
       raise RequestError(grpc.StatusCode.NOT_FOUND,
-                         f"no open session {session_id!r} (never opened, closed, or reaped)")
+                         f"no open session {_short(session_id)} (never opened, closed, or "
+                         "reaped after its lease)")
+    if session.owner != caller:
+      raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                         f"session {_short(session_id)} belongs to another client")
+    session.last_used = time.monotonic()  # every call renews the lease
     return session
 
-  def _prompt_ids(self, request: specedge_pb2.OpenSessionRequest) -> tuple[tuple[int, ...], bool]:
+  async def _prompt_ids(self, request: specedge_pb2.OpenSessionRequest
+                        ) -> tuple[tuple[int, ...], bool]:
     has_text, has_ids = bool(request.prompt_text), len(request.prompt_token_ids) > 0
     if has_text == has_ids:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -127,10 +171,22 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       if self._tokenizer is None:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                            "this verifier has no tokenizer; send prompt_token_ids")
-      ids = tuple(int(t) for t in self._tokenizer.encode(request.prompt_text))
+      max_bytes = PROMPT_TEXT_BYTES_PER_ROW * self._limits.max_len
+      size = len(request.prompt_text.encode("utf-8"))
+      if size > max_bytes:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"prompt_text is {size} bytes; this server takes at most {max_bytes}")
+      # Off the event loop: a long text would otherwise stall every other call, health included.
+      encoded = await asyncio.get_running_loop().run_in_executor(
+          None, self._tokenizer.encode, request.prompt_text)
+      ids = tuple(int(t) for t in encoded)
       if not ids:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt_text tokenizes to nothing")
     else:
+      if len(request.prompt_token_ids) > self._limits.max_len:  # before copying them
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"prompt has {len(request.prompt_token_ids)} tokens; this server "
+                           f"has max_len {self._limits.max_len}")
       ids = tuple(request.prompt_token_ids)
     bad = [t for t in ids if not 0 <= t < self._limits.vocab_size]
     if bad:
@@ -148,10 +204,11 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     except ValueError as e:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}") from e
 
-  async def _guard(self, context: grpc.aio.ServicerContext, handler, *args):
-    """Runs a handler body; a RequestError becomes its gRPC status, anything else INTERNAL."""
+  async def _guard(self, context: grpc.aio.ServicerContext, handler, request):
+    """Runs a handler body for the identified caller; a RequestError becomes its gRPC status,
+    anything else INTERNAL."""
     try:
-      return await handler(*args)
+      return await handler(request, self._caller(context))
     except RequestError as e:
       await context.abort(e.code, e.message)
     except ValueError as e:  # the engine's own input checks
@@ -175,8 +232,21 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   async def CloseSession(self, request, context):
     return await self._guard(context, self._close_session, request)
 
-  async def _open_session(self, request: specedge_pb2.OpenSessionRequest):
-    prompt_ids, from_text = self._prompt_ids(request)
+  async def _open_session(self, request: specedge_pb2.OpenSessionRequest, caller: str):
+    for name in ("client_id", "request_id"):
+      if len(getattr(request, name)) > MAX_LABEL_CHARS:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{name} has {len(getattr(request, name))} characters; labels have "
+                           f"at most {MAX_LABEL_CHARS}")
+    quota_key = caller if self._identify is not None else request.client_id
+    if self._max_sessions_per_client:
+      held = (sum(1 for s in self.sessions.values() if s.quota_key == quota_key)
+              + self._opens_in_flight_by[quota_key])
+      if held >= self._max_sessions_per_client:
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"client {_short(quota_key)} holds {held} sessions, its quota; close "
+                           "one first")
+    prompt_ids, from_text = await self._prompt_ids(request)
     sampling = self._sampling(request)
     if not 0 <= request.seed <= _MAX_SEED:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"seed must be >= 0, got {request.seed}")
@@ -194,8 +264,10 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                    sampling=sampling, seed=int(request.seed),
                    max_new_tokens=int(request.max_new_tokens))
     self._opens_in_flight += 1
+    self._opens_in_flight_by[quota_key] += 1
     state = _OpenState()
-    job.future.add_done_callback(lambda future: self._open_done(job, request, state))
+    job.future.add_done_callback(
+        lambda future: self._open_done(job, request, state, caller, quota_key))
     try:
       opened: OpenResult = await self._run_job(job)
     except asyncio.CancelledError:
@@ -214,14 +286,19 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         timing=specedge_pb2.ServerTiming(queue_time_s=opened.queue_time_s,
                                          forward_time_s=opened.forward_time_s, batch_size=1))
 
-  def _open_done(self, job: _OpenJob, request, state: _OpenState) -> None:
+  def _open_done(self, job: _OpenJob, request, state: _OpenState, caller: str,
+                 quota_key: str) -> None:
     """Registers a successful open (on the loop, even if the RPC was cancelled meanwhile)."""
     self._opens_in_flight -= 1
+    self._opens_in_flight_by[quota_key] -= 1
+    if not self._opens_in_flight_by[quota_key]:
+      del self._opens_in_flight_by[quota_key]
     if job.future.cancelled() or job.future.exception() is not None:
       return
     opened: OpenResult = job.future.result()
     session = _Session(session_id=uuid.uuid4().hex, slot=opened.slot, request_id=job.request_id,
-                       client_id=request.client_id, prompt_tokens=len(job.prompt_ids),
+                       client_id=request.client_id, owner=caller, quota_key=quota_key,
+                       prompt_tokens=len(job.prompt_ids),
                        max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
                        finished=opened.finished)
     self.sessions[session.session_id] = session
@@ -234,8 +311,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       self._worker.submit(_CloseJob(future=self._new_future(), request_id=session.request_id,
                                     slot=session.slot))
 
-  async def _verify(self, request: specedge_pb2.VerifyRequest):
-    session = self._session(request.session_id)
+  async def _verify(self, request: specedge_pb2.VerifyRequest, caller: str):
+    session = self._session(request.session_id, caller)
     if session.broken:
       raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                          f"session cannot continue ({session.broken}); close it")
@@ -245,15 +322,16 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if session.verify_in_flight:
       raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                          "a Verify for this session is already in flight")
+    if len(request.tokens) != len(request.parents):
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tokens ({len(request.tokens)}) and parents ({len(request.parents)}) "
+                         "differ in length")
+    if len(request.tokens) + 1 > self._limits.max_tree_nodes:  # before copying them
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tree has {len(request.tokens) + 1} nodes (root included); this "
+                         f"server verifies at most {self._limits.max_tree_nodes}")
     tokens = np.asarray(request.tokens, np.int64)
     parents = np.asarray(request.parents, np.int64)
-    if tokens.shape != parents.shape:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"tokens ({tokens.size}) and parents ({parents.size}) differ in length")
-    if tokens.size + 1 > self._limits.max_tree_nodes:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"tree has {tokens.size + 1} nodes (root included); this server "
-                         f"verifies at most {self._limits.max_tree_nodes}")
     if not 0 <= request.root_token < self._limits.vocab_size:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                          f"root_token {request.root_token} is outside the vocabulary "
@@ -312,8 +390,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     elif isinstance(error, RequestError) and error.code == grpc.StatusCode.INTERNAL:
       session.broken = error.message
 
-  async def _close_session(self, request: specedge_pb2.CloseSessionRequest):
-    session = self._session(request.session_id)
+  async def _close_session(self, request: specedge_pb2.CloseSessionRequest, caller: str):
+    session = self._session(request.session_id, caller)
     # Remove first: later calls see NOT_FOUND, and the slot counts as free for new opens, which
     # the engine thread can only run after this close (its inbox is FIFO).
     del self.sessions[session.session_id]
@@ -324,13 +402,14 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   def _new_future(self) -> asyncio.Future:
     return asyncio.get_running_loop().create_future()
 
-  async def reap_idle_sessions(self, idle_timeout_s: float) -> list[str]:
-    """Closes sessions idle for longer than idle_timeout_s; returns their ids."""
+  async def reap_idle_sessions(self, lease_s: float) -> list[str]:
+    """Closes sessions whose lease ran out: no call for longer than lease_s (a verify in flight
+    holds the lease). Returns their ids."""
     now = time.monotonic()
     stale = [s for s in self.sessions.values()
-             if not s.verify_in_flight and now - s.last_used > idle_timeout_s]
+             if not s.verify_in_flight and now - s.last_used > lease_s]
     for session in stale:
-      _log.warning("closing session %s (request %s): idle for %.0f s", session.session_id,
-                   session.request_id, now - session.last_used)
+      _log.warning("closing session %s (request %s): its lease ran out (no call for %.1f s)",
+                   session.session_id, _short(session.request_id), now - session.last_used)
       self._abandon(session)
     return [s.session_id for s in stale]

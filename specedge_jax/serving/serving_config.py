@@ -68,7 +68,9 @@ class ServerConfig:
   max_len: int = 1024  # cache rows per slot: prompt + generated tokens + one tree
   prefill_chunk: int = 64
   prefill_cache_entries: int = 0  # >0: snapshot prompt prefills for replayed prompts
-  session_timeout_s: float = 600.0
+  # A session's lease: a session with no call for this long is closed and its slot freed.
+  session_timeout_s: float = 30.0
+  max_sessions_per_client: int = 0  # sessions one client may hold; 0: no cap beyond the slots
   batching: BatchingConfig = BatchingConfig()
 
   def __post_init__(self):
@@ -77,6 +79,10 @@ class ServerConfig:
         raise ValueError(f"server.{name} must be >= 1, got {getattr(self, name)}")
     if self.prefill_cache_entries < 0:
       raise ValueError("server.prefill_cache_entries must be >= 0")
+    if not self.session_timeout_s > 0:
+      raise ValueError(f"server.session_timeout_s must be > 0, got {self.session_timeout_s}")
+    if self.max_sessions_per_client < 0:
+      raise ValueError("server.max_sessions_per_client must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,238 @@
+"""Sessions as leases, batching that never waits for the absent, ownership, quotas and bounds.
+
+The verifier against the hand-checkable fake engines: a silent session costs the others one
+bounded static-batching wait, not one per round, and frees its slot when its lease runs out; a
+session answers only the client that opened it; one client cannot hold more than its quota;
+oversized fields are refused before any work, with messages that never echo them; degenerate
+sampling parameters are refused; tokenizing a long text does not block the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specedge_jax import api
+from specedge_jax.serving.proto import specedge_pb2 as pb
+from specedge_jax.serving.proto import specedge_pb2_grpc
+from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.verifier import VerifierServer
+from specedge_jax.testing.fakes import FakeTargetEngine, successor
+
+VOCAB = 50
+
+
+@contextlib.asynccontextmanager
+async def serving(engine, **server_kwargs):
+  server = VerifierServer(engine, **server_kwargs)
+  port = await server.start("127.0.0.1:0")
+  channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+  try:
+    yield server, specedge_pb2_grpc.VerifierStub(channel), channel
+  finally:
+    await channel.close()
+    await server.stop(grace=None)
+
+
+def run(coro):
+  return asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+async def open_session(stub, prompt=(1, 2, 3), max_new_tokens=32, metadata=None, **kwargs):
+  return await stub.OpenSession(pb.OpenSessionRequest(
+      prompt_token_ids=list(prompt), max_new_tokens=max_new_tokens, **kwargs), metadata=metadata)
+
+
+async def step(stub, session_id, root, metadata=None):
+  """One verify of a one-node chain (the true next token): returns the new root."""
+  response = await stub.Verify(pb.VerifyRequest(
+      session_id=session_id, root_token=root, tokens=[successor(root, VOCAB)], parents=[0]),
+      metadata=metadata)
+  return response.bonus_token
+
+
+async def expect_status(code, call, match=""):
+  with pytest.raises(grpc.aio.AioRpcError) as info:
+    await call
+  assert info.value.code() == code, info.value.details()
+  assert match in info.value.details(), info.value.details()
+  return info.value.details()
+
+
+def test_a_silent_session_costs_one_bounded_wait_not_one_per_round():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4)
+  timeout = 0.6
+
+  async def scenario():
+    batching = BatchingConfig(mode="static", static_timeout_s=timeout)
+    async with serving(target, batching=batching) as (_, stub, _):
+      live = await open_session(stub, prompt=(1,))
+      silent = await open_session(stub, prompt=(2,))  # opens, then never sends a tree
+      root, waits = live.first_token, []
+      for _ in range(4):
+        started = time.monotonic()
+        root = await step(stub, live.session_id, root)
+        waits.append(time.monotonic() - started)
+      assert waits[0] >= timeout * 0.9, "the first round waits for the silent session"
+      assert max(waits[1:]) < timeout / 2, f"later rounds waited again: {waits}"
+      # Back from silence, the session is served and waited for again: both join one batch.
+      sizes_before = list(target.verify_batch_sizes)
+      await asyncio.gather(step(stub, silent.session_id, silent.first_token),
+                           step(stub, live.session_id, root))
+      assert target.verify_batch_sizes[len(sizes_before):] == [2]
+
+  run(scenario())
+
+
+def test_a_session_whose_lease_runs_out_frees_its_slot():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
+  lease = 0.4
+
+  async def scenario():
+    async with serving(target, session_timeout_s=lease) as (_, stub, _):
+      kept = await open_session(stub, prompt=(1,))
+      dropped = await open_session(stub, prompt=(2,))
+      await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, open_session(stub, prompt=(3,)))
+      root = kept.first_token
+      started = time.monotonic()
+      while target.num_free_slots == 0:  # every call renews the kept session's lease
+        assert time.monotonic() - started < lease * 3, "the silent session kept its slot"
+        root = await step(stub, kept.session_id, root)
+        await asyncio.sleep(lease / 4)
+      assert time.monotonic() - started >= lease * 0.9  # not before its lease ran out
+      await expect_status(grpc.StatusCode.NOT_FOUND,
+                          step(stub, dropped.session_id, dropped.first_token), "lease")
+      await step(stub, kept.session_id, root)  # the renewed one is alive
+      await open_session(stub, prompt=(3,))  # and the freed slot serves a new client
+
+  run(scenario())
+
+
+TOKENS = {"alice-token": "alice", "bob-token": "bob"}
+
+
+def _identify(metadata):
+  for key, value in metadata:
+    if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+      return TOKENS.get(value[len("Bearer "):])
+  return None
+
+
+def _as(name):
+  token = next(t for t, n in TOKENS.items() if n == name)
+  return (("authorization", f"Bearer {token}"),)
+
+
+def test_a_session_answers_only_the_client_that_opened_it():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4)
+
+  async def scenario():
+    async with serving(target) as (server, stub, _):
+      server.servicer._identify = _identify  # what security.Authenticator.client_of provides
+      alice = await open_session(stub, metadata=_as("alice"))
+      await expect_status(grpc.StatusCode.PERMISSION_DENIED,
+                          step(stub, alice.session_id, alice.first_token, _as("bob")),
+                          "another client")
+      await expect_status(grpc.StatusCode.PERMISSION_DENIED, stub.CloseSession(
+          pb.CloseSessionRequest(session_id=alice.session_id), metadata=_as("bob")))
+      await expect_status(grpc.StatusCode.UNAUTHENTICATED,
+                          step(stub, alice.session_id, alice.first_token))
+      # Alice's session is untouched by all of it.
+      root = await step(stub, alice.session_id, alice.first_token, _as("alice"))
+      assert root == successor(successor(alice.first_token, VOCAB), VOCAB)
+      await stub.CloseSession(pb.CloseSessionRequest(session_id=alice.session_id),
+                              metadata=_as("alice"))
+
+  run(scenario())
+
+
+def test_one_client_cannot_hold_more_than_its_quota():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=6, max_batch_size=4)
+
+  async def scenario():
+    async with serving(target, max_sessions_per_client=2) as (_, stub, _):
+      held = [await open_session(stub, client_id="greedy", prompt=(i + 1,)) for i in range(2)]
+      await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          open_session(stub, client_id="greedy", prompt=(5,)), "quota")
+      # A keep-alive client renews its sessions but gets no more of them; others still get in.
+      for session in held:
+        await step(stub, session.session_id, session.first_token)
+      await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          open_session(stub, client_id="greedy", prompt=(6,)), "quota")
+      await open_session(stub, client_id="polite", prompt=(7,))
+      await stub.CloseSession(pb.CloseSessionRequest(session_id=held[0].session_id))
+      await open_session(stub, client_id="greedy", prompt=(8,))  # a closed one frees quota
+
+  run(scenario())
+
+
+def test_oversized_fields_are_refused_without_echoing_them():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2, max_len=64)
+
+  async def scenario():
+    async with serving(target) as (_, stub, _):
+      huge_id = "x" * 16384
+      details = await expect_status(
+          grpc.StatusCode.INVALID_ARGUMENT,
+          stub.Verify(pb.VerifyRequest(session_id=huge_id, root_token=1)), "at most 64")
+      assert len(details) < 200
+      details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
+                                    open_session(stub, request_id="r" * (1 << 20)), "request_id")
+      assert len(details) < 200
+      await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
+                          open_session(stub, client_id="c" * 300), "client_id")
+      await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
+                          open_session(stub, prompt=[1] * 100_000), "max_len 64")
+      session = await open_session(stub, max_new_tokens=8)
+      await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.Verify(pb.VerifyRequest(
+          session_id=session.session_id, root_token=session.first_token,
+          tokens=[1] * 100_000, parents=[0] * 100_000)), "at most 16")
+      await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
+                          open_session(stub, sampling=pb.SamplingParams(temperature=1.0,
+                                                                        top_p=1e-45)), "top_p")
+      await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
+                          open_session(stub, sampling=pb.SamplingParams(temperature=1e-30)),
+                          "temperature")
+      await step(stub, session.session_id, session.first_token)  # the good one still works
+
+  run(scenario())
+
+
+def test_degenerate_sampling_parameters_are_refused():
+  for kwargs, match in ((dict(top_p=1e-45), "top_p"), (dict(top_p=0.0), "top_p"),
+                        (dict(temperature=1e-30), "temperature"),
+                        (dict(temperature=float("nan")), "temperature")):
+    with pytest.raises(ValueError, match=match):
+      api.SamplingParams(**kwargs)
+  api.SamplingParams(temperature=api.MIN_TEMPERATURE, top_p=api.MIN_TOP_P)  # the edges are fine
+
+
+class SlowTokenizer:
+  def encode(self, text):
+    time.sleep(1.0)
+    return [1 + len(text) % 10]
+
+
+def test_tokenizing_a_prompt_does_not_block_the_event_loop():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
+
+  async def scenario():
+    async with serving(target, tokenizer=SlowTokenizer()) as (_, stub, channel):
+      health = health_pb2_grpc.HealthStub(channel)
+      opening = asyncio.ensure_future(stub.OpenSession(pb.OpenSessionRequest(
+          prompt_text="a long prompt", max_new_tokens=4)))
+      await asyncio.sleep(0.2)  # the tokenizer is busy now
+      started = time.monotonic()
+      answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+      assert answer.status == health_pb2.HealthCheckResponse.SERVING
+      assert time.monotonic() - started < 0.5, "the health check waited for the tokenizer"
+      assert not opening.done()
+      opened = await opening
+      assert opened.prompt_tokens == 1
+
+  run(scenario())
