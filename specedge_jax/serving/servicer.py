@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import grpc
 import numpy as np
+from google.protobuf import message as protobuf_message
 
 from specedge_jax import api
 from specedge_jax.api import DraftTree, SamplingParams
@@ -37,6 +38,7 @@ from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
 
 _log = logging.getLogger(__name__)
 
+SERVICE_NAME = "specedge.v1.Verifier"
 _MAX_SEED = 2**63 - 1
 # Bounds checked before any work, so an oversized request costs neither time nor memory.
 MAX_LABEL_CHARS = 256  # client_id, request_id
@@ -45,6 +47,25 @@ PROMPT_TEXT_BYTES_PER_ROW = 32  # prompt_text may hold at most this many bytes p
 
 # identify(metadata) -> the authenticated client's name, or None (see serving/security.py).
 Identify = Callable[[Sequence[tuple[str, str | bytes]]], str | None]
+
+
+class _RateLimitedWarning:
+  """At most one WARNING line per `period_s`, with the count of the ones it held back: a flood of
+  bad requests must not flood the log."""
+
+  def __init__(self, period_s: float = 1.0):
+    self._period_s = period_s
+    self._last = -float("inf")
+    self._held_back = 0
+
+  def __call__(self, message: str, *args) -> None:
+    now = time.monotonic()
+    if now - self._last < self._period_s:
+      self._held_back += 1
+      return
+    suffix = f" ({self._held_back} more since the last line)" if self._held_back else ""
+    self._last, self._held_back = now, 0
+    _log.warning(message + suffix, *args)
 
 
 def _short(text: str, limit: int = 24) -> str:
@@ -123,6 +144,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     self.sessions: dict[str, _Session] = {}
     self._opens_in_flight = 0
     self._opens_in_flight_by: collections.Counter[str] = collections.Counter()
+    self._warn_undecodable = _RateLimitedWarning()
 
   # -- helpers -----------------------------------------------------------------------------------
 
@@ -220,6 +242,39 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     except Exception as e:  # pylint: disable=broad-except
       _log.exception("internal error")
       await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+  # -- registration ------------------------------------------------------------------------------
+
+  def rpc_handlers(self) -> grpc.GenericRpcHandler:
+    """The service's handlers, taking raw bytes: a request that does not decode (bad bytes,
+    invalid UTF-8 in a string field) gets INVALID_ARGUMENT and one rate-limited WARNING line,
+    instead of gRPC's UNKNOWN with a traceback per request."""
+    methods = {
+        "OpenSession": (self.OpenSession, specedge_pb2.OpenSessionRequest,
+                        specedge_pb2.OpenSessionResponse),
+        "Verify": (self.Verify, specedge_pb2.VerifyRequest, specedge_pb2.VerifyResponse),
+        "CloseSession": (self.CloseSession, specedge_pb2.CloseSessionRequest,
+                         specedge_pb2.CloseSessionResponse),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        name: grpc.unary_unary_rpc_method_handler(
+            self._decoding(name, handler, request_type),
+            response_serializer=response_type.SerializeToString)
+        for name, (handler, request_type, response_type) in methods.items()})
+
+  def _decoding(self, name: str, handler, request_type):
+    async def decode_then_handle(raw: bytes, context: grpc.aio.ServicerContext):
+      try:
+        request = request_type.FromString(raw)
+      except protobuf_message.DecodeError as e:
+        self._warn_undecodable("undecodable %s request (%d bytes) from %s: %s", name, len(raw),
+                               context.peer(), e)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {name} request does not decode as "
+                            f"{request_type.DESCRIPTOR.full_name}: {e}")
+      return await handler(request, context)
+
+    return decode_then_handle
 
   # -- handlers ----------------------------------------------------------------------------------
 

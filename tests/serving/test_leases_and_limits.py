@@ -236,3 +236,24 @@ def test_tokenizing_a_prompt_does_not_block_the_event_loop():
       assert opened.prompt_tokens == 1
 
   run(scenario())
+
+
+def test_undecodable_requests_get_invalid_argument_and_one_log_line(caplog):
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
+  # Field 6 (client_id, a string) holding bytes that are not UTF-8; then plain garbage.
+  bad_utf8 = b"\x32\x02\xff\xfe"
+  garbage = b"\xff\xff\xff\xff\x0f"
+
+  async def scenario():
+    async with serving(target) as (_, stub, channel):
+      raw = channel.unary_unary("/specedge.v1.Verifier/OpenSession")
+      for payload in [bad_utf8, garbage] * 50:
+        await expect_status(grpc.StatusCode.INVALID_ARGUMENT, raw(payload), "does not decode")
+      session = await open_session(stub)  # the server is fine
+      await step(stub, session.session_id, session.first_token)
+
+  with caplog.at_level("WARNING", logger="specedge_jax.serving.servicer"):
+    run(scenario())
+  lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
+  assert 1 <= len(lines) <= 5, f"{len(lines)} log lines for 100 bad requests"
+  assert all(r.exc_info is None for r in lines), "no traceback per request"
