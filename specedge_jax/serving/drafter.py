@@ -78,6 +78,10 @@ class DrafterConfig:
   open_retry_max_s: float = 1.0
   open_give_up_s: float = 300.0
   rpc_timeout_s: float = 120.0
+  # A Verify whose reply is lost (deadline, dropped connection) is sent again with the same step:
+  # the server answers a repeated step with the stored answer, so nothing is applied twice.
+  verify_retries: int = 3
+  verify_retry_initial_s: float = 0.05
 
   def __post_init__(self):
     if self.max_concurrent_requests < 1:
@@ -85,6 +89,8 @@ class DrafterConfig:
                        f"{self.max_concurrent_requests}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.verify_retries < 0:
+      raise ValueError(f"verify_retries must be >= 0, got {self.verify_retries}")
     if not self.simulated_rtt_ms >= 0:
       raise ValueError(f"simulated_rtt_ms must be >= 0, got {self.simulated_rtt_ms}")
 
@@ -252,6 +258,26 @@ class Drafter:
     await self._network_delay()
     return response
 
+  async def _verify(self, request: specedge_pb2.VerifyRequest) -> specedge_pb2.VerifyResponse:
+    """A Verify, sent again (same step, so idempotent on the server) when its reply is lost."""
+    delay = self.config.verify_retry_initial_s
+    for attempt in range(self.config.verify_retries + 1):
+      await self._network_delay()
+      try:
+        response = await self._stub.Verify(request, timeout=self.config.rpc_timeout_s)
+      except grpc.aio.AioRpcError as e:
+        retriable = e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        if not retriable or attempt == self.config.verify_retries:
+          raise ServerError(f"{e.code().name}: {e.details()}") from e
+        _log.warning("Verify of %s step %d: %s; retrying", request.session_id[:8], request.step,
+                     e.code().name)
+        await asyncio.sleep(delay)
+        delay *= 2
+        continue
+      await self._network_delay()
+      return response
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
   async def run(self, requests: Sequence[EdgeRequest]) -> list[RequestOutput]:
     """Serves every request; K at a time. Returns outputs in request order."""
     loop = asyncio.get_running_loop()
@@ -328,10 +354,10 @@ class Drafter:
         draft_slot = slot
         while not finished:
           if self.config.interleave:
-            response, step = await self._round(request, session_id, slot, root)
+            response, step = await self._round(request, session_id, slot, root, output.steps)
           else:
             async with self._turn_lock:
-              response, step = await self._round(request, session_id, slot, root)
+              response, step = await self._round(request, session_id, slot, root, output.steps)
           output.steps += 1
           output.tokens.extend(response.emitted_tokens)
           output.accepted_depths.append(len(response.accepted_tokens))
@@ -364,8 +390,9 @@ class Drafter:
                  output_tokens=output.tokens)
     return output
 
-  async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int):
-    """One draft -> verify -> commit round of one request."""
+  async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int,
+                   round_index: int):
+    """One draft -> verify -> commit round of one request (its `round_index`-th)."""
     draft_job = self._edge.submit(self.engine.draft, draft_slot, op="draft")
     tree = await draft_job.future
     tokens = np.asarray(tree.tokens)
@@ -377,16 +404,14 @@ class Drafter:
       proactive_job = self._edge.submit(self.engine.draft_proactive, draft_slot,
                                         op="proactive", priority=EdgeDevice.PROACTIVE)
     sent = time.time()
-    response = await self._call(self._stub.Verify, specedge_pb2.VerifyRequest(
+    response = await self._verify(specedge_pb2.VerifyRequest(
         session_id=session_id, root_token=root, tokens=tokens[1:].tolist(),
-        parents=parents[1:].tolist()))
+        parents=parents[1:].tolist(), step=round_index))
     wait_time = time.time() - sent
     if proactive_job is not None:
       EdgeDevice.cancel(proactive_job)
-    result = VerifyResult(accepted=list(response.accepted_tokens),
-                               bonus=int(response.bonus_token),
-                               emitted=list(response.emitted_tokens),
-                               finished=bool(response.finished))
+    result = VerifyResult(accepted=list(response.accepted_tokens), bonus=int(response.bonus_token),
+                          emitted=list(response.emitted_tokens), finished=bool(response.finished))
     hit = await self._edge.run(self.engine.commit, draft_slot, result, op="commit")
     return response, dict(draft_time_s=draft_job.duration_s, wait_time_s=wait_time,
                           tree_size=int(tokens.size - 1),

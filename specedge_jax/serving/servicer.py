@@ -105,6 +105,13 @@ class _Session:
   finished: bool = False
   broken: str = ""  # why the session can no longer be served, if it cannot
   verify_in_flight: bool = False
+  steps_applied: int = 0  # verify rounds applied
+  # The last applied round, for a retry of it: its request's root and the answer given.
+  last_round_root: int = -1
+  last_response: specedge_pb2.VerifyResponse | None = None
+  # The round being verified: a retry of it waits for this future's answer.
+  inflight_step: int = -1
+  inflight: asyncio.Future | None = None
   last_used: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -368,6 +375,10 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
 
   async def _verify(self, request: specedge_pb2.VerifyRequest, caller: str):
     session = self._session(request.session_id, caller)
+    if request.HasField("step"):
+      replay = await self._replay(session, request)
+      if replay is not None:
+        return replay
     if session.broken:
       raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                          f"session cannot continue ({session.broken}); close it")
@@ -418,30 +429,59 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     job = _VerifyJob(future=self._new_future(), request_id=session.request_id, slot=session.slot,
                      tree=tree)
     session.verify_in_flight = True
+    session.inflight_step, session.inflight = session.steps_applied, job.future
     session.last_used = time.monotonic()
-    job.future.add_done_callback(lambda future: self._verify_done(session, future))
-    outcome: VerifyOutcome = await self._run_job(job)
-    result = outcome.result
-    return specedge_pb2.VerifyResponse(
-        accepted_tokens=[int(t) for t in result.accepted], bonus_token=int(result.bonus),
-        emitted_tokens=[int(t) for t in result.emitted], finished=bool(result.finished),
-        finish_reason=finish_reason(result.emitted, result.finished, self._eos_token_ids),
-        timing=specedge_pb2.ServerTiming(queue_time_s=outcome.queue_time_s,
-                                         forward_time_s=outcome.forward_time_s,
-                                         batch_size=outcome.batch_size))
+    root = int(request.root_token)
+    job.future.add_done_callback(lambda future: self._verify_done(session, root, future))
+    await self._run_job(job)
+    if session.last_response is None:  # _verify_done runs first: it was registered first
+      raise RuntimeError("a verify succeeded but its answer was not stored")
+    return session.last_response
 
-  def _verify_done(self, session: _Session, future: asyncio.Future) -> None:
-    """Applies a verify's outcome to the session (on the loop, even if the RPC was cancelled)."""
+  async def _replay(self, session: _Session,
+                    request: specedge_pb2.VerifyRequest) -> specedge_pb2.VerifyResponse | None:
+    """The stored answer when `request` retries a round already applied or in flight; None when
+    it is the next round; FAILED_PRECONDITION for any other step."""
+    step = request.step
+    if session.inflight is not None and step == session.inflight_step:
+      await asyncio.shield(session.inflight)  # the original is still running: share its answer
+      step = session.steps_applied - 1
+    if step == session.steps_applied - 1 and session.last_response is not None:
+      if request.root_token != session.last_round_root:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"step {request.step} was applied with root {session.last_round_root}, "
+                           f"not {request.root_token}")
+      return session.last_response
+    if step != session.steps_applied:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"step {request.step}, but the session has applied "
+                         f"{session.steps_applied} rounds; the client is out of sync")
+    return None
+
+  def _verify_done(self, session: _Session, root: int, future: asyncio.Future) -> None:
+    """Applies a verify's outcome to the session and stores its answer (on the loop, even if the
+    RPC was cancelled meanwhile: a retry of the same step then gets the answer)."""
     session.verify_in_flight = False
+    session.inflight_step, session.inflight = -1, None
     session.last_used = time.monotonic()
     if future.cancelled():
       return
     error = future.exception()
     if error is None:
-      result = future.result().result
+      outcome: VerifyOutcome = future.result()
+      result = outcome.result
       session.last_token = int(result.bonus)
       session.generated += len(result.emitted)
       session.finished = bool(result.finished)
+      session.steps_applied += 1
+      session.last_round_root = root
+      session.last_response = specedge_pb2.VerifyResponse(
+          accepted_tokens=[int(t) for t in result.accepted], bonus_token=int(result.bonus),
+          emitted_tokens=[int(t) for t in result.emitted], finished=bool(result.finished),
+          finish_reason=finish_reason(result.emitted, result.finished, self._eos_token_ids),
+          timing=specedge_pb2.ServerTiming(queue_time_s=outcome.queue_time_s,
+                                           forward_time_s=outcome.forward_time_s,
+                                           batch_size=outcome.batch_size))
     elif isinstance(error, RequestError) and error.code == grpc.StatusCode.INTERNAL:
       session.broken = error.message
 

@@ -257,3 +257,61 @@ def test_undecodable_requests_get_invalid_argument_and_one_log_line(caplog):
   lines = [r for r in caplog.records if "undecodable" in r.getMessage()]
   assert 1 <= len(lines) <= 5, f"{len(lines)} log lines for 100 bad requests"
   assert all(r.exc_info is None for r in lines), "no traceback per request"
+
+
+def test_a_verify_whose_reply_was_lost_is_answered_again_not_applied_twice():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2, forward_delay_s=0.5)
+
+  async def scenario():
+    async with serving(target) as (_, stub, _):
+      session = await open_session(stub, prompt=(4,), max_new_tokens=16)
+      root = session.first_token
+      chain = [successor(root, VOCAB)]
+      chain.append(successor(chain[-1], VOCAB))
+
+      def verify(step, timeout=None, root=root):
+        return stub.Verify(pb.VerifyRequest(session_id=session.session_id, root_token=root,
+                                            tokens=chain, parents=[0, 1], step=step),
+                           timeout=timeout)
+
+      # The client gives up before the server answers; the server applies the round anyway.
+      await expect_status(grpc.StatusCode.DEADLINE_EXCEEDED, verify(0, timeout=0.1))
+      retried = await verify(0)  # waits for the round in flight and shares its answer
+      again = await verify(0)  # and a later retry gets the stored answer
+      assert list(retried.accepted_tokens) == chain == list(again.accepted_tokens)
+      assert retried.bonus_token == again.bonus_token == successor(chain[-1], VOCAB)
+      assert target.verify_batch_sizes == [1], "the tree was verified once"
+      await expect_status(grpc.StatusCode.FAILED_PRECONDITION, verify(3), "out of sync")
+      await expect_status(grpc.StatusCode.FAILED_PRECONDITION, verify(0, root=root + 1),
+                          "applied with root")
+      nxt = await stub.Verify(pb.VerifyRequest(
+          session_id=session.session_id, root_token=retried.bonus_token,
+          tokens=[successor(retried.bonus_token, VOCAB)], parents=[0], step=1))
+      assert list(nxt.accepted_tokens) == [successor(retried.bonus_token, VOCAB)]
+      assert target.verify_batch_sizes == [1, 1]
+
+  run(scenario())
+
+
+def test_the_drafter_retries_a_lost_verify_and_loses_no_token():
+  from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
+  from specedge_jax.testing.fakes import FakeDraftEngine, expected_output
+
+  # Every forward outlasts the drafter's deadline: each round's first reply is lost, the retry
+  # (same step) gets the stored answer.
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2,
+                            forward_delay_s=0.3)
+  streamed: list[int] = []
+
+  async def scenario():
+    async with serving(target) as (_, _, channel):
+      drafter = Drafter(FakeDraftEngine(vocab_size=VOCAB, num_slots=1, correct_depth=2), channel,
+                        DrafterConfig(max_concurrent_requests=1, max_new_tokens=9,
+                                      rpc_timeout_s=0.1, verify_retries=3),
+                        on_tokens=lambda _, tokens, __: streamed.extend(tokens))
+      return await drafter.run([EdgeRequest(request_id="r", prompt_ids=(5, 6))])
+
+  (output,) = run(scenario())
+  assert output.error == "", output.error
+  assert output.tokens == expected_output((5, 6), 9, VOCAB) == streamed
+  assert len(target.verify_batch_sizes) == output.steps, "each round was verified once"
