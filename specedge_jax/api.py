@@ -258,6 +258,13 @@ class TargetEngineProtocol(Protocol):
     Raises SlotsExhausted, or ValueError naming what is wrong with the request."""
     ...
 
+  def open_resumed(self, prompt_ids: Sequence[int], generated_ids: Sequence[int], rounds: int,
+                   sampling: SamplingParams, seed: int, max_new_tokens: int) -> int:
+    """Re-opens a request an earlier session served (`generated_ids` emitted in `rounds`
+    verifications): prefills prompt + generated[:-1]; generated[-1] is the next root. Returns
+    the slot. The request then continues exactly as the earlier session would have."""
+    ...
+
   def close(self, slot: int) -> None:
     """Frees the slot; KeyError if no session is open there."""
     ...
@@ -303,6 +310,11 @@ class DraftEngineProtocol(Protocol):
   def draft_proactive(self, slot: int) -> None:
     """While the tree is in flight, grows the tree for the most likely verification outcome.
     A no-op when proactive drafting is off."""
+    ...
+
+  def abandon_round(self, slot: int) -> None:
+    """Drops the tree in flight (its verification failed and will not be answered): the next
+    `draft` grows this round's tree again from the same root."""
     ...
 
   def commit(self, slot: int, result: VerifyResult) -> bool | None:

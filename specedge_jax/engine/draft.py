@@ -45,6 +45,7 @@ class _DraftSession:
   tree: tree_lib.Tree  # the tree to grow next (root-only, or a re-rooted proactive tree)
   next_row: int
   steps_done: int  # growth steps already in `tree` (for 'included' mode)
+  round_start_row: int = -1  # next_row before this round's growth (to grow it again)
   inflight: tree_lib.Tree | None = None
   proactive: _Proactive | None = None
 
@@ -141,6 +142,10 @@ class DraftEngine:
     steps = params.max_beam_len
     if self.proactive_params.mode == "included":
       steps = max(params.max_beam_len - session.steps_done, 0)
+    if session.inflight is None:
+      session.round_start_row = session.next_row
+    else:  # drafting again without a commit: the tree in flight is dropped
+      self.abandon_round(slot)
     grown, session.next_row, self.last_steps = self._grow(
         session, slot, session.tree, next_row=session.next_row, budget=params.max_budget,
         num_steps=steps, params=params)
@@ -148,6 +153,18 @@ class DraftEngine:
     session.proactive = None
     tokens, parents = tree_lib.wire_arrays(grown)
     return DraftTree(tokens=tokens, parents=parents)
+
+  def abandon_round(self, slot: int) -> None:
+    """Drops the tree in flight and its proactive tree, whose verification will never be
+    answered (the verifier went away). The rows they used are free again; the root, the
+    committed rows and a re-rooted tree's expanded nodes stay, so `draft` grows this round's
+    tree again exactly."""
+    session = self.session(slot)
+    if session.inflight is None:
+      return
+    session.next_row = session.round_start_row
+    session.inflight = None
+    session.proactive = None
 
   def draft_proactive(self, slot: int) -> None:
     """Grows the proactive tree: from the node where verification of the in-flight tree most

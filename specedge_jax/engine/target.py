@@ -91,6 +91,44 @@ class TargetEngine:
         fill=lambda cache, slot: prefill_lib.prefill(self.graphdef, self.state, cache, slot,
                                                      prompt, 0, self.chunk_sizes, self.clock))
 
+  def open_resumed(self, prompt_ids: Sequence[int], generated_ids: Sequence[int], rounds: int,
+                   sampling: SamplingParams, seed: int, max_new_tokens: int) -> int:
+    """Re-opens a request that an earlier session (on this server or one that went away) had
+    served: prefills the prompt and every generated token but the last, which becomes the root
+    of the next tree. `rounds` verifications were applied, so the PRNG stream continues at step
+    rounds + 1 exactly as the earlier session would have. Returns the slot.
+    """
+    prompt = self._checked_prompt(prompt_ids, max_new_tokens)
+    generated = np.asarray(generated_ids, np.int64)
+    if generated.ndim != 1 or not 1 <= generated.size < max_new_tokens:
+      raise ValueError(f"a resumed request needs 1 to {max_new_tokens - 1} generated tokens "
+                       f"(max_new_tokens {max_new_tokens}), got {generated.size}")
+    if np.any((generated < 0) | (generated >= self.vocab_size)):
+      raise ValueError(f"generated tokens must be in the vocabulary [0, {self.vocab_size})")
+    if not 0 <= rounds < generated.size:  # the first token, then >= 1 token per round
+      raise ValueError(f"{generated.size} generated tokens come from at most "
+                       f"{generated.size - 1} verify rounds, got {rounds}")
+    if self.eos_token_ids & {int(t) for t in generated}:
+      raise ValueError("a resumed request's generated tokens already hold an EOS token")
+    known = np.concatenate([prompt, generated[:-1]])
+    if not self._free:
+      raise api.SlotsExhausted(f"all {self.num_slots} slots are busy")
+    slot = self._free.pop(0)
+    start = time.perf_counter()
+    try:
+      self.cache, _ = prefill_lib.prefill(self.graphdef, self.state, self.cache, slot, known, 0,
+                                          self.chunk_sizes, self.clock)
+    except BaseException:
+      self._free.append(slot)
+      self._free.sort()
+      raise
+    self.last_forward_s = time.perf_counter() - start
+    self._sessions[slot] = _TargetSession(
+        prompt_ids=tuple(int(t) for t in prompt), prefix_len=int(known.size),
+        root=int(generated[-1]), sampling=sampling, seed=int(seed) & 0xFFFFFFFF, step=rounds + 1,
+        generated=int(generated.size), max_new_tokens=max_new_tokens)
+    return slot
+
   def export_prefill(self, slot: int) -> prefix_cache.PrefillSnapshot:
     """Snapshots the prompt rows of a slot that was just opened (before any verify)."""
     session = self.session(slot)

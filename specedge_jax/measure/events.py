@@ -30,7 +30,11 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
   edge_busy       client_id, t_start, t_end, op (an interval in which an edge GPU ran one job);
                   op is one of 'prefill' (draft prefill), 'draft' (tree growth), 'proactive'
                   (a proactive tree while the verify is in flight), 'commit' (taking the
-                  verified result), 'close' (freeing the draft slot)
+                  verified result), 'abandon' (dropping a round the verifier never answered),
+                  'close' (freeing the draft slot)
+  request_resumed request_id, client_id, n_generated (tokens emitted before), reason (the
+                  status that lost the session: 'UNAVAILABLE', 'NOT_FOUND', ...); an edge
+                  re-opened the request in a new server session that continues it
 
 `system` names what produced the log: 'specedge' (verifier and edge drafters), 'server_only_ar'
 and 'server_only_spec' (the server-only baselines).
@@ -49,7 +53,8 @@ import threading
 import time
 from typing import Any, Iterable, Iterator
 
-EVENT_KINDS = ("request_start", "request_step", "request_end", "server_batch", "edge_busy")
+EVENT_KINDS = ("request_start", "request_step", "request_end", "server_batch", "edge_busy",
+               "request_resumed")
 
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "request_start": ("request_id", "client_id", "prompt_tokens"),
@@ -57,6 +62,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "request_end": ("request_id", "client_id", "n_generated"),
     "server_batch": ("t_start", "t_end", "op", "batch_size", "tokens", "forward_time_s"),
     "edge_busy": ("client_id", "t_start", "t_end"),
+    "request_resumed": ("request_id", "client_id", "n_generated"),
 }
 
 

@@ -42,6 +42,7 @@ import dataclasses
 import itertools
 import logging
 import queue
+import random
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -77,6 +78,9 @@ class DrafterConfig:
   open_retry_initial_s: float = 0.02  # backoff when the server has no free slot
   open_retry_max_s: float = 1.0
   open_give_up_s: float = 300.0
+  # After the verifier went away mid-request: how long to try to resume the request elsewhere or
+  # after a restart before failing it.
+  reconnect_give_up_s: float = 60.0
   rpc_timeout_s: float = 120.0
   # A Verify whose reply is lost (deadline, dropped connection) is sent again with the same step:
   # the server answers a repeated step with the stored answer, so nothing is applied twice.
@@ -202,7 +206,17 @@ class EdgeDevice:
 
 
 class ServerError(RuntimeError):
-  """The verifier answered with an error status."""
+  """The verifier answered with an error status (`code`), or could not be reached."""
+
+  def __init__(self, message: str, code: grpc.StatusCode | None = None):
+    super().__init__(message)
+    self.code = code
+
+
+# A round that failed with these is served again in a new session that resumes the request: the
+# verifier went away (UNAVAILABLE), came back without the session (NOT_FOUND), or never answered.
+_RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
+              grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class Drafter:
@@ -254,7 +268,7 @@ class Drafter:
     try:
       response = await method(request, timeout=self.config.rpc_timeout_s)
     except grpc.aio.AioRpcError as e:
-      raise ServerError(f"{e.code().name}: {e.details()}") from e
+      raise ServerError(f"{e.code().name}: {e.details()}", e.code()) from e
     await self._network_delay()
     return response
 
@@ -268,7 +282,7 @@ class Drafter:
       except grpc.aio.AioRpcError as e:
         retriable = e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
         if not retriable or attempt == self.config.verify_retries:
-          raise ServerError(f"{e.code().name}: {e.details()}") from e
+          raise ServerError(f"{e.code().name}: {e.details()}", e.code()) from e
         _log.warning("Verify of %s step %d: %s; retrying", request.session_id[:8], request.step,
                      e.code().name)
         await asyncio.sleep(delay)
@@ -301,7 +315,10 @@ class Drafter:
     # Every worker ran until `todo` was empty, and each request it took got an output.
     return [outputs[index] for index in range(len(requests))]
 
-  async def _open_session(self, request: EdgeRequest, seed: int):
+  async def _open_session(self, request: EdgeRequest, seed: int,
+                          resume: RequestOutput | None = None, prompt_ids: Sequence[int] = ()):
+    """Opens the request's server session, retrying with backoff while the server is full or
+    unreachable. With `resume` (the request's output so far), a new session continues it."""
     config = self.config
     sampling = specedge_pb2.SamplingParams(temperature=config.sampling.temperature,
                                            top_p=config.sampling.top_p,
@@ -310,7 +327,14 @@ class Drafter:
         prompt_text=request.prompt_text, prompt_token_ids=request.prompt_ids, sampling=sampling,
         seed=seed, max_new_tokens=config.max_new_tokens, client_id=config.client_id,
         request_id=request.request_id)
-    delay, give_up = config.open_retry_initial_s, time.monotonic() + config.open_give_up_s
+    give_up_s = config.open_give_up_s
+    if resume is not None:
+      message.ClearField("prompt_text")  # the server's own tokenization, from the first session
+      message.prompt_token_ids[:] = list(prompt_ids)
+      message.resume_tokens[:] = resume.tokens
+      message.resume_rounds = resume.steps
+      give_up_s = config.reconnect_give_up_s
+    delay, give_up = config.open_retry_initial_s, time.monotonic() + give_up_s
     while True:
       await self._network_delay()
       try:
@@ -318,11 +342,13 @@ class Drafter:
         await self._network_delay()
         return response
       except grpc.aio.AioRpcError as e:
-        # A full server is normal under load: back off and retry, with no barrier or global
-        # coordination between clients.
-        if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > give_up:
-          raise ServerError(f"OpenSession: {e.code().name}: {e.details()}") from e
-      await asyncio.sleep(delay)
+        # A full server is normal under load, and a restarting one comes back: back off and
+        # retry (with jitter, so edges do not retry in step), with no barrier or global
+        # coordination between clients, until the give-up time.
+        transient = e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+        if not transient or time.monotonic() > give_up:
+          raise ServerError(f"OpenSession: {e.code().name}: {e.details()}", e.code()) from e
+      await asyncio.sleep(delay * random.uniform(0.5, 1.0))
       delay = min(2 * delay, config.open_retry_max_s)
 
   async def _serve(self, request: EdgeRequest, seed: int) -> RequestOutput:
@@ -353,11 +379,30 @@ class Drafter:
                                          op="prefill")
         draft_slot = slot
         while not finished:
-          if self.config.interleave:
-            response, step = await self._round(request, session_id, slot, root, output.steps)
-          else:
-            async with self._turn_lock:
+          try:
+            if self.config.interleave:
               response, step = await self._round(request, session_id, slot, root, output.steps)
+            else:
+              async with self._turn_lock:
+                response, step = await self._round(request, session_id, slot, root,
+                                                   output.steps)
+          except ServerError as e:
+            if e.code not in _RESUMABLE:
+              raise
+            # The verifier lost this session (it went away, restarted, or never answered): the
+            # round is dropped on both sides and the request resumes in a new session, which
+            # re-prefills the prompt plus every token already emitted. Nothing streamed is lost
+            # or repeated: tokens reach the user only from answered rounds.
+            _log.warning("request %s: %s; resuming it in a new session", request.request_id, e)
+            await self._edge.run(self.engine.abandon_round, slot, op="abandon")
+            old_session, session_id = session_id, None
+            await self._close_quietly(old_session)
+            reopened = await self._open_session(request, seed, resume=output,
+                                                prompt_ids=prompt_ids)
+            session_id = reopened.session_id
+            self._emit("request_resumed", request_id=request.request_id,
+                       n_generated=len(output.tokens), reason=e.code.name if e.code else "")
+            continue
           output.steps += 1
           output.tokens.extend(response.emitted_tokens)
           output.accepted_depths.append(len(response.accepted_tokens))
@@ -389,6 +434,17 @@ class Drafter:
                  finished_reason=output.finish_reason, error=output.error or None,
                  output_tokens=output.tokens)
     return output
+
+  async def _close_quietly(self, session_id: str | None) -> None:
+    """Best effort: a session the verifier may already have lost (it would free it at the end of
+    its lease anyway)."""
+    if session_id is None:
+      return
+    try:
+      await self._stub.CloseSession(specedge_pb2.CloseSessionRequest(session_id=session_id),
+                                    timeout=min(self.config.rpc_timeout_s, 2.0))
+    except grpc.aio.AioRpcError:
+      pass
 
   async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int,
                    round_index: int):

@@ -76,6 +76,8 @@ class _OpenJob(_Job):
   sampling: SamplingParams = SamplingParams()
   seed: int = 0
   max_new_tokens: int = 1
+  resume_tokens: tuple[int, ...] = ()  # non-empty: re-open a request an earlier session served
+  resume_rounds: int = 0
 
 
 @dataclasses.dataclass
@@ -249,9 +251,13 @@ class EngineWorker:
 
   def _open(self, job: _OpenJob) -> OpenResult:
     started = time.time()
-    snapshot = (self._prefill_cache.get(job.prompt_ids) if self._prefill_cache is not None
-                else None)
-    if snapshot is not None:
+    snapshot = (self._prefill_cache.get(job.prompt_ids)
+                if self._prefill_cache is not None and not job.resume_tokens else None)
+    if job.resume_tokens:
+      slot = self._engine.open_resumed(job.prompt_ids, job.resume_tokens, job.resume_rounds,
+                                       job.sampling, job.seed, job.max_new_tokens)
+      first_token, finished = job.resume_tokens[-1], False
+    elif snapshot is not None:
       slot, first_token, finished = self._engine.open_from_prefill(
           snapshot, job.prompt_ids, job.sampling, job.seed, job.max_new_tokens)
     else:
@@ -267,7 +273,8 @@ class EngineWorker:
       self._active_slots.add(slot)
     if self._events is not None:
       self._events.emit("server_batch", t_start=started, t_end=ended, op="prefill", batch_size=1,
-                        tokens=0 if snapshot is not None else len(job.prompt_ids),
+                        tokens=0 if snapshot is not None else
+                        len(job.prompt_ids) + max(len(job.resume_tokens) - 1, 0),
                         forward_time_s=ended - started, queue_time_s=started - job.enqueued_at,
                         request_ids=[job.request_id], prefill_cache_hit=snapshot is not None)
     return OpenResult(slot=int(slot), first_token=int(first_token), finished=bool(finished),

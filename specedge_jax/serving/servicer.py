@@ -224,6 +224,30 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                          f"[0, {self._limits.vocab_size})")
     return ids, has_text
 
+  def _resume(self, request: specedge_pb2.OpenSessionRequest) -> tuple[int, ...]:
+    """The tokens an earlier session of this request emitted (empty: a new request)."""
+    count = len(request.resume_tokens)
+    if not count:
+      if request.resume_rounds:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "resume_rounds without resume_tokens")
+      return ()
+    if count >= request.max_new_tokens:  # before copying them
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{count} resume_tokens leave nothing of max_new_tokens "
+                         f"{request.max_new_tokens} to generate")
+    tokens = tuple(request.resume_tokens)
+    bad = [t for t in tokens if not 0 <= t < self._limits.vocab_size]
+    if bad:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"resume_tokens {bad[:5]} are outside the vocabulary "
+                         f"[0, {self._limits.vocab_size})")
+    if not 0 <= request.resume_rounds < count:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"resume_rounds must be in [0, {count - 1}] for {count} resume_tokens, "
+                         f"got {request.resume_rounds}")
+    return tokens
+
   def _sampling(self, request: specedge_pb2.OpenSessionRequest) -> SamplingParams:
     proto = request.sampling
     top_p = proto.top_p if proto.HasField("top_p") else 1.0
@@ -256,18 +280,16 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     """The service's handlers, taking raw bytes: a request that does not decode (bad bytes,
     invalid UTF-8 in a string field) gets INVALID_ARGUMENT and one rate-limited WARNING line,
     instead of gRPC's UNKNOWN with a traceback per request."""
-    methods = {
-        "OpenSession": (self.OpenSession, specedge_pb2.OpenSessionRequest,
-                        specedge_pb2.OpenSessionResponse),
-        "Verify": (self.Verify, specedge_pb2.VerifyRequest, specedge_pb2.VerifyResponse),
-        "CloseSession": (self.CloseSession, specedge_pb2.CloseSessionRequest,
-                         specedge_pb2.CloseSessionResponse),
+    methods: dict[str, tuple[Callable, type[protobuf_message.Message]]] = {
+        "OpenSession": (self.OpenSession, specedge_pb2.OpenSessionRequest),
+        "Verify": (self.Verify, specedge_pb2.VerifyRequest),
+        "CloseSession": (self.CloseSession, specedge_pb2.CloseSessionRequest),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, {
         name: grpc.unary_unary_rpc_method_handler(
             self._decoding(name, handler, request_type),
-            response_serializer=response_type.SerializeToString)
-        for name, (handler, request_type, response_type) in methods.items()})
+            response_serializer=lambda response: response.SerializeToString())
+        for name, (handler, request_type) in methods.items()})
 
   def _decoding(self, name: str, handler, request_type):
     async def decode_then_handle(raw: bytes, context: grpc.aio.ServicerContext):
@@ -321,10 +343,12 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if len(self.sessions) + self._opens_in_flight >= self._limits.num_slots:
       raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"all {self._limits.num_slots} server slots are taken; retry later")
+    resume = self._resume(request)
     request_id = request.request_id or uuid.uuid4().hex
     job = _OpenJob(future=self._new_future(), request_id=request_id, prompt_ids=prompt_ids,
                    sampling=sampling, seed=int(request.seed),
-                   max_new_tokens=int(request.max_new_tokens))
+                   max_new_tokens=int(request.max_new_tokens), resume_tokens=resume,
+                   resume_rounds=int(request.resume_rounds))
     self._opens_in_flight += 1
     self._opens_in_flight_by[quota_key] += 1
     state = _OpenState()
@@ -362,7 +386,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                        client_id=request.client_id, owner=caller, quota_key=quota_key,
                        prompt_tokens=len(job.prompt_ids),
                        max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
-                       finished=opened.finished)
+                       finished=opened.finished, generated=max(1, len(job.resume_tokens)),
+                       steps_applied=job.resume_rounds)
     self.sessions[session.session_id] = session
     state.session = session
     if state.abandoned:

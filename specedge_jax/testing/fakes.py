@@ -101,6 +101,22 @@ class FakeTargetEngine:
                                 finished=finished, prompt=tuple(int(t) for t in prompt_ids))
     return slot, first, finished
 
+  def open_resumed(self, prompt_ids: Sequence[int], generated_ids: Sequence[int], rounds: int,
+                   sampling: SamplingParams, seed: int, max_new_tokens: int) -> int:
+    self._check_thread()
+    if not prompt_ids or not 1 <= len(generated_ids) < max_new_tokens:
+      raise ValueError("a resumed request needs a prompt and 1 to max_new_tokens - 1 tokens")
+    api.check_cache_room(len(prompt_ids), max_new_tokens, max_tree_nodes=self.max_tree_nodes,
+                         max_len=self.max_len)
+    if not self._free:
+      raise SlotsExhausted(f"all {self.num_slots} slots are busy")
+    slot = self._free.pop(0)
+    self.opened_prompts.append(tuple(prompt_ids))
+    self._sessions[slot] = dict(root=int(generated_ids[-1]), generated=len(generated_ids),
+                                max_new=max_new_tokens, finished=False,
+                                prompt=tuple(int(t) for t in prompt_ids))
+    return slot
+
   def export_prefill(self, slot: int) -> FakeSnapshot:
     self._check_thread()
     return FakeSnapshot(prompt_ids=self._sessions[slot]["prompt"])
@@ -216,6 +232,11 @@ class FakeDraftEngine:
     self.calls.append(("proactive", slot))
     if self.proactive:
       self._sessions[slot]["proactive_done"] = True
+
+  def abandon_round(self, slot: int) -> None:
+    self._check_thread()
+    self.calls.append(("abandon", slot))
+    self._sessions[slot].update(inflight=None, proactive_done=False)
 
   def commit(self, slot: int, result: VerifyResult) -> bool | None:
     self._check_thread()

@@ -186,3 +186,82 @@ def test_no_recompilation_in_steady_state(pair):
   assert len(out.steps) >= 50
   assert len({n for s in out.steps for n in s.emitted}) > 2, "accept lengths did not vary"
   assert compiles == [], f"{len(compiles)} compilations in steady state"
+
+
+@pytest.mark.slow
+def test_a_resumed_session_continues_exactly_where_the_first_left_off(pair):
+  """A request re-opened on a fresh engine (`open_resumed`, after its verifier went away) emits
+  what the uninterrupted session would have: greedy with a draft, and sampled decoding, whose
+  PRNG stream continues at the right step."""
+  target, draft = pair
+  prompt = tiny_models.prompts(1, VOCAB, seed=5)[0]
+  tree = TREES["budget32"]
+  for sampling, with_draft in ((E.GREEDY, True), (E.SamplingParams(temperature=1.0), False)):
+    def rounds(engine, slot, draft_engine, draft_slot, count):
+      out, done = [], 0
+      while done < count:
+        if with_draft:
+          result = engine.verify([(slot, draft_engine.draft(draft_slot))])[0]
+          draft_engine.commit(draft_slot, result)
+        else:
+          result = engine.decode([slot])[0]
+        out += result.emitted
+        done += 1
+        if result.finished:
+          break
+      return out
+
+    def fresh():
+      return (E.TargetEngine(target, num_slots=1, max_len=96, max_tree_nodes=33,
+                             max_batch_size=1),
+              E.DraftEngine(draft, num_slots=1, max_len=96, tree=tree))
+
+    engine, draft_engine = fresh()
+    slot, first, _ = engine.open(prompt, sampling, 7, MAX_NEW * 2)
+    draft_slot = draft_engine.open(prompt, first)
+    uninterrupted = [first] + rounds(engine, slot, draft_engine, draft_slot, 100)
+
+    engine, draft_engine = fresh()
+    slot, first, _ = engine.open(prompt, sampling, 7, MAX_NEW * 2)
+    draft_slot = draft_engine.open(prompt, first)
+    before = [first] + rounds(engine, slot, draft_engine, draft_slot, 2)
+    engine, draft_engine = fresh()  # the first verifier is gone with its cache
+    slot = engine.open_resumed(prompt, before, 2, sampling, 7, MAX_NEW * 2)
+    draft_slot = draft_engine.open(list(prompt) + before[:-1], before[-1])
+    after = rounds(engine, slot, draft_engine, draft_slot, 100)
+    assert before + after == uninterrupted, (sampling, with_draft)
+  engine, _ = fresh()
+  with pytest.raises(ValueError, match="verify rounds"):
+    engine.open_resumed(prompt, [1, 2], 2, E.GREEDY, 0, 8)
+  with pytest.raises(ValueError, match="generated tokens"):
+    engine.open_resumed(prompt, [1] * 8, 1, E.GREEDY, 0, 8)
+
+
+@pytest.mark.slow
+def test_an_abandoned_round_is_drafted_again_exactly(pair, greedy_reference):
+  """A round whose verification never came back (`abandon_round`) is grown again from the same
+  root into the same tree, proactive tree and all, and generation stays exact."""
+  target, draft = pair
+  prompts, reference = greedy_reference
+  prompt = prompts[0]
+  engine = E.TargetEngine(target, num_slots=1, max_len=96, max_tree_nodes=33, max_batch_size=1)
+  draft_engine = E.DraftEngine(
+      draft, num_slots=1, max_len=96, tree=TREES["budget32"],
+      proactive=E.ProactiveParams(mode="excluded", max_n_beams=4, max_beam_len=2,
+                                  max_branch_width=4, max_budget=6))
+  slot, first, _ = engine.open(prompt, E.GREEDY, 0, MAX_NEW)
+  draft_slot = draft_engine.open(prompt, first)
+  out, finished = [first], False
+  while not finished:
+    tree = draft_engine.draft(draft_slot)
+    draft_engine.draft_proactive(draft_slot)
+    draft_engine.abandon_round(draft_slot)  # the verifier went away with this tree
+    again = draft_engine.draft(draft_slot)
+    np.testing.assert_array_equal(again.tokens, tree.tokens)
+    np.testing.assert_array_equal(again.parents, tree.parents)
+    draft_engine.draft_proactive(draft_slot)
+    result = engine.verify([(slot, again)])[0]
+    draft_engine.commit(draft_slot, result)
+    out += result.emitted
+    finished = result.finished
+  assert out == reference[0]
