@@ -5,8 +5,9 @@
   request's slot is refilled with the next waiting request at once.
 * `speculative`: the reference's server-only SpecExec: draft and target both on the server. Each
   step drafts a tree for every active request on the draft model, then verifies all trees in one
-  batched target forward, then commits (`engine.generation.run_round`, the in-process round). Drafting is server time here (`server_batch` events with
-  op 'draft'), which is exactly what SpecEdge moves to the edges.
+  batched target forward, then commits (`engine.generation.run_round`, the in-process round).
+  Drafting is server time here (`server_batch` events with op 'draft'), which is exactly what
+  SpecEdge moves to the edges.
 
 Both loops are single-threaded (they own both engines) and emit request_start / request_step /
 request_end per request and server_batch per forward, so `metrics.py` reads them like a SpecEdge

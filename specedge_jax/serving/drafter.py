@@ -345,7 +345,10 @@ class Drafter:
         # A full server is normal under load, and a restarting one comes back: back off and
         # retry (with jitter, so edges do not retry in step), with no barrier or global
         # coordination between clients, until the give-up time.
-        transient = e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+        # A lost reply (DEADLINE_EXCEEDED) is safe to retry too: an open with the same
+        # request_id gets the session the first one made.
+        transient = e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
+                                 grpc.StatusCode.DEADLINE_EXCEEDED)
         if not transient or time.monotonic() > give_up:
           raise ServerError(f"OpenSession: {e.code().name}: {e.details()}", e.code()) from e
       await asyncio.sleep(delay * random.uniform(0.5, 1.0))

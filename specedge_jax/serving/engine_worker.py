@@ -123,7 +123,8 @@ class PrefillCache:
     if max_entries < 1:
       raise ValueError(f"prefill cache needs max_entries >= 1, got {max_entries}")
     self.max_entries = max_entries
-    self._entries: collections.OrderedDict[tuple[int, ...], api.PrefillSnapshot] = collections.OrderedDict()
+    self._entries: collections.OrderedDict[tuple[int, ...], api.PrefillSnapshot] = (
+        collections.OrderedDict())
     self.hits = 0
     self.misses = 0
 

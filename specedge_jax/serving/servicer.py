@@ -32,8 +32,9 @@ from google.protobuf import message as protobuf_message
 
 from specedge_jax import api
 from specedge_jax.api import DraftTree, SamplingParams
-from specedge_jax.serving.engine_worker import (EngineWorker, OpenResult, RequestError, VerifyOutcome,
-                                                _CloseJob, _Job, _OpenJob, _VerifyJob)
+from specedge_jax.serving.engine_worker import (EngineWorker, OpenResult, RequestError,
+                                                VerifyOutcome, _CloseJob, _Job, _OpenJob,
+                                                _VerifyJob)
 from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ class _Session:
   # The round being verified: a retry of it waits for this future's answer.
   inflight_step: int = -1
   inflight: asyncio.Future | None = None
+  # The open that made it, for a retry of that open (its reply was lost): its key and answer.
+  open_key: tuple | None = None
+  open_response: specedge_pb2.OpenSessionResponse | None = None
+  opened_at_step: int = 0  # steps_applied right after the open (a retry is only valid before)
   last_used: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -152,6 +157,10 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     self._opens_in_flight = 0
     self._opens_in_flight_by: collections.Counter[str] = collections.Counter()
     self._warn_undecodable = _RateLimitedWarning()
+    self.draining = False  # going away: no new sessions; the open ones are served to the end
+    # Opens by (client, request_id, resume point): a retried open gets the session it made.
+    self._open_by_key: dict[tuple, str] = {}
+    self._opening: dict[tuple, asyncio.Future] = {}
 
   # -- helpers -----------------------------------------------------------------------------------
 
@@ -317,12 +326,23 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     return await self._guard(context, self._close_session, request)
 
   async def _open_session(self, request: specedge_pb2.OpenSessionRequest, caller: str):
+    if self.draining:
+      # UNAVAILABLE is what a drafter retries (with backoff) and resumes after: it reconnects to
+      # this address once a new verifier is up, or fails after its own give-up time.
+      raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                         "the verifier is going away; reconnect elsewhere or later")
     for name in ("client_id", "request_id"):
       if len(getattr(request, name)) > MAX_LABEL_CHARS:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{name} has {len(getattr(request, name))} characters; labels have "
                            f"at most {MAX_LABEL_CHARS}")
     quota_key = caller if self._identify is not None else request.client_id
+    key = ((quota_key, request.request_id, len(request.resume_tokens), request.resume_rounds)
+           if request.request_id else None)
+    if key is not None:
+      replay = await self._replay_open(key)
+      if replay is not None:
+        return replay
     if self._max_sessions_per_client:
       held = (sum(1 for s in self.sessions.values() if s.quota_key == quota_key)
               + self._opens_in_flight_by[quota_key])
@@ -330,7 +350,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"client {_short(quota_key)} holds {held} sessions, its quota; close "
                            "one first")
-    prompt_ids, from_text = await self._prompt_ids(request)
+    prompt_ids, _ = await self._prompt_ids(request)
     sampling = self._sampling(request)
     if not 0 <= request.seed <= _MAX_SEED:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"seed must be >= 0, got {request.seed}")
@@ -351,11 +371,13 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                    resume_rounds=int(request.resume_rounds))
     self._opens_in_flight += 1
     self._opens_in_flight_by[quota_key] += 1
+    if key is not None:
+      self._opening[key] = job.future
     state = _OpenState()
     job.future.add_done_callback(
-        lambda future: self._open_done(job, request, state, caller, quota_key))
+        lambda future: self._open_done(job, request, state, caller, quota_key, key))
     try:
-      opened: OpenResult = await self._run_job(job)
+      await self._run_job(job)
     except asyncio.CancelledError:
       # The caller is gone and will never learn the session id: free the slot once it exists.
       state.abandoned = True
@@ -363,18 +385,31 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         self._abandon(state.session)
       raise
     session = state.session
-    if session is None:  # _open_done runs before this await returns (registered first)
+    if session is None or session.open_response is None:  # _open_done ran first: it sets both
       raise RuntimeError(f"request {request_id}: the open succeeded but no session was registered")
-    return specedge_pb2.OpenSessionResponse(
-        session_id=session.session_id, first_token=opened.first_token, finished=opened.finished,
-        prompt_tokens=len(prompt_ids), prompt_token_ids=prompt_ids if from_text else (),
-        finish_reason=finish_reason([opened.first_token], opened.finished, self._eos_token_ids),
-        timing=specedge_pb2.ServerTiming(queue_time_s=opened.queue_time_s,
-                                         forward_time_s=opened.forward_time_s, batch_size=1))
+    return session.open_response
+
+  async def _replay_open(self, key: tuple) -> specedge_pb2.OpenSessionResponse | None:
+    """The answer of an earlier open with this key (a retry after its reply was lost), waiting
+    for it if it is still running; None if there is none, so this open is a new one."""
+    opening = self._opening.get(key)
+    if opening is not None:
+      try:
+        await asyncio.shield(opening)
+      except Exception:  # pylint: disable=broad-except (it failed: this retry opens anew)
+        return None
+    session = self.sessions.get(self._open_by_key.get(key, ""))
+    if (session is None or session.open_response is None
+        or session.steps_applied != session.opened_at_step):
+      return None
+    session.last_used = time.monotonic()
+    return session.open_response
 
   def _open_done(self, job: _OpenJob, request, state: _OpenState, caller: str,
-                 quota_key: str) -> None:
+                 quota_key: str, key: tuple | None) -> None:
     """Registers a successful open (on the loop, even if the RPC was cancelled meanwhile)."""
+    if key is not None:
+      self._opening.pop(key, None)
     self._opens_in_flight -= 1
     self._opens_in_flight_by[quota_key] -= 1
     if not self._opens_in_flight_by[quota_key]:
@@ -388,13 +423,32 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                        max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
                        finished=opened.finished, generated=max(1, len(job.resume_tokens)),
                        steps_applied=job.resume_rounds)
+    session.opened_at_step = session.steps_applied
+    session.open_response = specedge_pb2.OpenSessionResponse(
+        session_id=session.session_id, first_token=opened.first_token, finished=opened.finished,
+        prompt_tokens=len(job.prompt_ids),
+        prompt_token_ids=job.prompt_ids if request.prompt_text else (),
+        finish_reason=finish_reason([opened.first_token], opened.finished, self._eos_token_ids),
+        timing=specedge_pb2.ServerTiming(queue_time_s=opened.queue_time_s,
+                                         forward_time_s=opened.forward_time_s, batch_size=1))
     self.sessions[session.session_id] = session
+    if key is not None:
+      session.open_key = key
+      self._open_by_key[key] = session.session_id
     state.session = session
     if state.abandoned:
       self._abandon(session)
 
+  def _forget(self, session: _Session) -> None:
+    """Removes a session from the table (and its open key): later calls get NOT_FOUND."""
+    self.sessions.pop(session.session_id, None)
+    key = session.open_key
+    if key is not None and self._open_by_key.get(key) == session.session_id:
+      del self._open_by_key[key]
+
   def _abandon(self, session: _Session) -> None:
-    if self.sessions.pop(session.session_id, None) is not None:
+    if session.session_id in self.sessions:
+      self._forget(session)
       self._worker.submit(_CloseJob(future=self._new_future(), request_id=session.request_id,
                                     slot=session.slot))
 
@@ -514,7 +568,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     session = self._session(request.session_id, caller)
     # Remove first: later calls see NOT_FOUND, and the slot counts as free for new opens, which
     # the engine thread can only run after this close (its inbox is FIFO).
-    del self.sessions[session.session_id]
+    self._forget(session)
     job = _CloseJob(future=self._new_future(), request_id=session.request_id, slot=session.slot)
     await self._run_job(job)
     return specedge_pb2.CloseSessionResponse(generated_tokens=session.generated)

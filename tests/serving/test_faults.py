@@ -141,3 +141,50 @@ def test_a_dead_drafter_frees_its_slot_within_the_lease_and_barely_slows_the_oth
   assert sum(w > static_timeout * 0.8 for w in disturbed) <= 1, disturbed
   assert statistics.median(disturbed) <= 2 * statistics.median(undisturbed) + 0.005, (
       statistics.median(disturbed), statistics.median(undisturbed))
+
+
+def test_outputs_are_unchanged_under_injected_delays_drops_reordering_and_cuts():
+  from specedge_jax.testing.fault_proxy import FaultProxy, Faults
+
+  max_new = 30
+  streamed: dict[str, list[int]] = {}
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=8, max_batch_size=4,
+                            forward_delay_s=0.002)
+  faults = Faults(delay_p=0.5, max_delay_s=0.02, drop_request_p=0.05, drop_reply_p=0.05,
+                  cut_before_p=0.05, cut_after_p=0.05)
+
+  def on_tokens(request_id, tokens, finished):
+    streamed.setdefault(request_id, []).extend(tokens)
+
+  async def scenario():
+    server = VerifierServer(target, batching=BatchingConfig(mode="dynamic"),
+                            session_timeout_s=5.0)
+    port = await server.start("127.0.0.1:0")
+    proxy = FaultProxy(f"127.0.0.1:{port}", faults, seed=3)
+    proxy_port = await proxy.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy_port}", options=CHANNEL_OPTIONS)
+    try:
+      drafters = [Drafter(FakeDraftEngine(vocab_size=VOCAB, num_slots=2, correct_depth=2),
+                          channel,
+                          DrafterConfig(client_id=f"edge{c}", max_concurrent_requests=2,
+                                        max_new_tokens=max_new, rpc_timeout_s=0.3,
+                                        verify_retries=4, verify_retry_initial_s=0.01,
+                                        open_retry_max_s=0.05, reconnect_give_up_s=20.0),
+                          on_tokens=on_tokens)
+                  for c in range(2)]
+      outputs = await asyncio.gather(*(d.run(requests_for(c, 3))
+                                       for c, d in enumerate(drafters)))
+    finally:
+      await channel.close()
+      await proxy.stop()
+      await server.stop(grace=None)
+    return [o for per_drafter in outputs for o in per_drafter], proxy.counts
+
+  outputs, counts = run(scenario(), timeout=120)
+  assert counts.faults >= 10, f"too few faults to test anything: {counts}"
+  for output in outputs:
+    assert output.error == "", output.error
+    client, index = int(output.request_id[1]), int(output.request_id[3:])
+    prompt = requests_for(client, 3)[index].prompt_ids
+    assert output.tokens == expected_output(prompt, max_new, VOCAB), output.request_id
+    assert streamed[output.request_id] == output.tokens, "a token was lost or repeated"

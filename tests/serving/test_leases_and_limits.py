@@ -315,3 +315,26 @@ def test_the_drafter_retries_a_lost_verify_and_loses_no_token():
   assert output.error == "", output.error
   assert output.tokens == expected_output((5, 6), 9, VOCAB) == streamed
   assert len(target.verify_batch_sizes) == output.steps, "each round was verified once"
+
+
+def test_an_open_whose_reply_was_lost_gets_the_session_it_made():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4)
+
+  async def scenario():
+    async with serving(target) as (_, stub, _):
+      first = await open_session(stub, client_id="edge", request_id="r1")
+      again = await open_session(stub, client_id="edge", request_id="r1")  # a retry
+      assert again.session_id == first.session_id
+      assert target.num_free_slots == 3 and len(target.opened_prompts) == 1
+      other = await open_session(stub, client_id="edge", request_id="r2")
+      assert other.session_id != first.session_id
+      root = await step(stub, first.session_id, first.first_token)
+      # After a round, the same request_id is a new request again, not a retry.
+      fresh = await open_session(stub, client_id="edge", request_id="r1")
+      assert fresh.session_id != first.session_id
+      resumed = await open_session(stub, client_id="edge", request_id="r1",
+                                   resume_tokens=[first.first_token, root], resume_rounds=1)
+      assert resumed.session_id not in (first.session_id, fresh.session_id)
+      assert resumed.first_token == root
+
+  run(scenario())
