@@ -7,6 +7,8 @@
 Starts `launch.verifier` and `edge.num_drafters` x `launch.drafter` as child processes, shows
 progress, and prints the run summary (tokens/s, inter-token latency, accepted tokens per step,
 server throughput). Ctrl-C stops every child. Events, logs and summary.json go to --out_dir.
+The verifier and drafters talk over mutual TLS with one bearer token per drafter, from a test CA
+written into <out_dir>/security/; --insecure_local runs them in plaintext instead.
 """
 
 import os
@@ -25,6 +27,9 @@ _BASELINES = flags.DEFINE_list("baselines", [], "Server-only runs to compare: au
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", local.LocalOptions.compilation_cache_dir,
     "JAX persistent compilation cache shared by the children; '' disables it.")
+_INSECURE_LOCAL = flags.DEFINE_bool(
+    "insecure_local", False, "Plaintext gRPC without tokens between the local verifier and "
+    "drafters (default: mutual TLS and tokens from a test CA in <out_dir>/security/).")
 
 
 def main(argv):
@@ -34,7 +39,7 @@ def main(argv):
   options = local.LocalOptions(
       out_dir=out_dir, verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),
       drafter_cpus=processes.parse_cpus(_DRAFTER_CPUS.value), baselines=tuple(_BASELINES.value),
-      compilation_cache_dir=_COMPILATION_CACHE_DIR.value)
+      compilation_cache_dir=_COMPILATION_CACHE_DIR.value, insecure=_INSECURE_LOCAL.value)
   result = local.run_local(serving_flags.serving_config(), options)
   local.print_summary(result)
 

@@ -3,7 +3,9 @@
 Defined once here so that several launchers can be imported into one process (the tests do).
 `--config` is an ml_collections config file with command-line overrides
 (`--config.server.max_batch_size=4`); `--config_json` is a resolved config written by
-`launch/local.py` for its children and replaces `--config` when given.
+`launch/local.py` for its children and replaces `--config` when given. `--allow_insecure` is
+read by the verifier and the drafter (their TLS and token flags are their own); `launch/local.py`
+has `--insecure_local` instead.
 """
 
 import os
@@ -28,6 +30,9 @@ RUN_ID = flags.DEFINE_string("run_id", None, "Tag every event with this run id."
 CPUS = flags.DEFINE_string("cpus", "", "Pin this process to these cores, e.g. '0' or '1-3'.")
 PARENT_PID = flags.DEFINE_integer(
     "parent_pid", None, "Exit when this process is gone (set by launch/local.py).")
+ALLOW_INSECURE = flags.DEFINE_bool(
+    "allow_insecure", False, "verifier, drafter: allow plaintext gRPC when no TLS flags are "
+    "given (anyone on the network can read and inject traffic); otherwise refused.")
 
 
 def serving_config() -> ServingConfig:

@@ -1,7 +1,12 @@
 """Runs the SpecEdge verifier: the target model behind the specedge.v1.Verifier gRPC service.
 
-  python -m launch.verifier                                  # embedded models, 127.0.0.1:50051
-  python -m launch.verifier --config=configs/qwen3_14b_1_7b.py --host=0.0.0.0 --port=50051
+  python -m launch.verifier --allow_insecure           # embedded models, plaintext 127.0.0.1:50051
+  python -m launch.verifier --config=configs/qwen3_14b_1_7b.py --host=0.0.0.0 --port=50051 \
+      --tls_cert=server.pem --tls_key=server.key --auth_tokens=tokens.json [--tls_client_ca=ca.pem]
+
+Plaintext needs --allow_insecure. --auth_tokens is a JSON object {"client name": "token"}; every
+call but the health service must then carry its client's token. See serving/security.py
+(`make_test_pki`, `make_tokens` write a test CA, certificates and tokens).
 
 Serves until SIGINT/SIGTERM. See specedge_jax/serving/verifier.py for threads and batching.
 """
@@ -12,22 +17,35 @@ import logging
 from absl import app, flags
 
 from launch import serving_flags
-from specedge_jax.serving import runners
+from specedge_jax.serving import runners, security
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: all).")
 _PORT = flags.DEFINE_integer("port", 50051, "Port; 0 picks a free one.")
 _PORT_FILE = flags.DEFINE_string("port_file", None, "Write the bound port here once serving.")
+_TLS_CERT = flags.DEFINE_string("tls_cert", "", "TLS server certificate chain (PEM).")
+_TLS_KEY = flags.DEFINE_string("tls_key", "", "The TLS certificate's private key (PEM).")
+_TLS_CLIENT_CA = flags.DEFINE_string(
+    "tls_client_ca", "", "Require client certificates signed by this CA (mutual TLS).")
+_AUTH_TOKENS = flags.DEFINE_string(
+    "auth_tokens", "", 'Per-client bearer tokens, a JSON file {"client name": "token", ...}.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:  # checked before the model loads
+    server_security = security.ServerSecurity(
+        cert_file=_TLS_CERT.value, key_file=_TLS_KEY.value, client_ca_file=_TLS_CLIENT_CA.value,
+        tokens_file=_AUTH_TOKENS.value, allow_insecure=serving_flags.ALLOW_INSECURE.value)
+    server_security.require_allowed()
+  except security.SecurityConfigError as e:
+    raise app.UsageError(str(e)) from None
   serving_flags.setup_process()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   asyncio.run(runners.serve_verifier(
       serving_flags.serving_config(), host=_HOST.value, port=_PORT.value,
       port_file=_PORT_FILE.value, events_path=serving_flags.EVENT_LOG.value,
-      run_id=serving_flags.RUN_ID.value))
+      run_id=serving_flags.RUN_ID.value, security=server_security))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ channel is needed), stops the verifier when every drafter is done, optionally ru
 baselines on the same requests (`launch/server_only.py`), and summarizes every run with
 `metrics.py` into the `report.py` table.
 
+Transport security: by default `run_local` writes a throw-away CA, a server and a client
+certificate and one bearer token per drafter into `<out_dir>/security/` (`security.make_test_pki`,
+`make_tokens`), and starts the verifier with mutual TLS and tokens and each drafter with its own
+token (read from a file, never on a command line). `LocalOptions.insecure` keeps plaintext.
+
 Each child runs in its own process group and watches this process (`processes.py`): Ctrl-C here,
 an exception, or even `kill -9` of this process ends every child. This module only orchestrates:
 it loads no model and runs no JAX computation itself.
@@ -27,6 +32,7 @@ from specedge_jax.measure import events as events_lib
 from specedge_jax.measure import metrics
 from specedge_jax.measure import report
 from specedge_jax.serving import processes
+from specedge_jax.serving import security
 from specedge_jax.serving.baselines import BASELINES, SYSTEM_NAMES
 from specedge_jax.serving.serving_config import ServingConfig
 
@@ -48,6 +54,8 @@ class LocalOptions:
   # programs, and reruns start in seconds. '' turns it off.
   compilation_cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "specedge_jax",
                                             "xla")
+  # Plaintext gRPC without tokens (--allow_insecure to every child); default: TLS and tokens.
+  insecure: bool = False
 
   def __post_init__(self):
     unknown = [b for b in self.baselines if b not in BASELINES]
@@ -101,6 +109,24 @@ def _common_flags(config_path: str, cpus: Sequence[int]) -> list[str]:
   return flags
 
 
+def _security_flags(out_dir: str, num_drafters: int,
+                    insecure: bool) -> tuple[list[str], list[list[str]]]:
+  """The verifier's and each drafter's security flags; writes the test PKI and tokens."""
+  if insecure:
+    return ["--allow_insecure"], [["--allow_insecure"] for _ in range(num_drafters)]
+  folder = os.path.join(out_dir, "security")
+  # The server certificate names 127.0.0.1 (IP SAN): the drafters connect to that address.
+  pki = security.make_test_pki(folder, hosts=("127.0.0.1", "localhost"))
+  names = [f"edge{i}" for i in range(num_drafters)]  # the drafters' client_id (runners.py)
+  tokens = security.make_tokens(folder, names)
+  server = [f"--tls_cert={pki['server_cert']}", f"--tls_key={pki['server_key']}",
+            f"--tls_client_ca={pki['ca_cert']}", f"--auth_tokens={tokens}"]
+  clients = [[f"--tls_ca={pki['ca_cert']}", f"--tls_client_cert={pki['client_cert']}",
+              f"--tls_client_key={pki['client_key']}",
+              f"--auth_token_file={security.token_file(folder, name)}"] for name in names]
+  return server, clients
+
+
 def _check(children: processes.ChildProcesses, logs: dict[str, str]) -> None:
   failed = children.failed()
   if failed:
@@ -123,6 +149,8 @@ def run_local(config: ServingConfig, options: LocalOptions,
   total = _count_requests(config)
   shares = [len(range(i, total, config.edge.num_drafters))
             for i in range(config.edge.num_drafters)]
+  server_security, drafter_security = _security_flags(
+      options.out_dir, config.edge.num_drafters, options.insecure)
   try:
     port_file = os.path.join(options.out_dir, "verifier.port")
     if os.path.exists(port_file):
@@ -137,7 +165,8 @@ def run_local(config: ServingConfig, options: LocalOptions,
     children.start("verifier", processes.python_module_argv(
         "launch.verifier", *_common_flags(config_path, options.verifier_cpus), "--port=0",
         f"--port_file={port_file}", f"--event_log={verifier_events}",
-        f"--run_id={options.run_id}"), logs["verifier"], env=_child_env(options))
+        f"--run_id={options.run_id}", *server_security), logs["verifier"],
+        env=_child_env(options))
     with console.status("starting the verifier (loading the target, compiling) ..."):
       port = _wait_for_port(port_file, children, logs, options.startup_timeout_s)
     console.print(f"verifier serving on 127.0.0.1:{port} (log: {logs['verifier']})")
@@ -149,7 +178,8 @@ def run_local(config: ServingConfig, options: LocalOptions,
           "launch.drafter", *_common_flags(config_path, options.drafter_cpus),
           f"--server=127.0.0.1:{port}", f"--client_index={i}",
           f"--event_log={drafter_events[i]}",
-          f"--run_id={options.run_id}"), logs[name], env=_child_env(options))
+          f"--run_id={options.run_id}", *drafter_security[i]), logs[name],
+          env=_child_env(options))
     tails = [_EventTail(path) for path in drafter_events]
     drafters = [f"drafter{i}" for i in range(config.edge.num_drafters)]
     _follow(console, children, logs, drafters, tails, shares, options.run_timeout_s,

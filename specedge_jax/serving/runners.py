@@ -17,13 +17,12 @@ import time
 from typing import Any, Callable
 
 import grpc
-import numpy as np
 
 from specedge_jax.engine import DraftEngine, TargetEngine
 from specedge_jax.measure.events import EventLog
-from specedge_jax.api import SamplingParams
 from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
+from specedge_jax.serving import security as security_lib
 from specedge_jax.serving import workload
 from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, RequestOutput
@@ -66,8 +65,14 @@ def build_draft_engine(config: ServingConfig, num_slots: int | None = None,
 async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port: int = 50051,
                          port_file: str | None = None, events_path: str | None = None,
                          run_id: str | None = None,
-                         on_ready: Callable[[int], None] | None = None) -> None:
-  """Loads the target, serves until SIGINT/SIGTERM, then shuts down gracefully."""
+                         on_ready: Callable[[int], None] | None = None,
+                         security: security_lib.ServerSecurity | None = None) -> None:
+  """Loads the target, serves until SIGINT/SIGTERM, then shuts down gracefully.
+
+  `security` None serves plaintext without authentication (the old behaviour); the launcher
+  always passes one."""
+  if security is not None:
+    security_lib.server_credentials(security)  # a refused config fails before the model loads
   engine = build_target_engine(config)
   tokenizer = None
   if has_tokenizer(config.models.tokenizer_dir):
@@ -77,9 +82,12 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
     log = _Tagged(log, run_id=run_id)
   server = VerifierServer(engine, batching=config.server.batching, tokenizer=tokenizer,
                           event_log=log, prefill_cache_entries=config.server.prefill_cache_entries,
-                          session_timeout_s=config.server.session_timeout_s)
+                          session_timeout_s=config.server.session_timeout_s,
+                          max_sessions_per_client=config.server.max_sessions_per_client,
+                          security=security)
   bound = await server.start(f"{host}:{port}")
-  _log.info("verifier serving on %s:%d", host, bound)
+  _log.info("verifier serving on %s:%d (%s)", host, bound,
+            security.describe() if security is not None else "plaintext, no authentication")
   if port_file:
     # Written atomically: the launcher polls for it and must never read half a number.
     tmp = f"{port_file}.tmp"
@@ -114,12 +122,20 @@ class _Tagged(EventLog):
     self._log.close()
 
 
-async def wait_for_server(address: str, timeout_s: float) -> None:
+def _channel(address: str, security: security_lib.ClientSecurity | None) -> grpc.aio.Channel:
+  # None: a plaintext channel without a token (the old behaviour, for library callers).
+  return grpc.aio.insecure_channel(address) if security is None else \
+      security_lib.open_channel(address, security)
+
+
+async def wait_for_server(address: str, timeout_s: float,
+                          security: security_lib.ClientSecurity | None = None) -> None:
   """Waits until the verifier's health service says SERVING."""
   from grpc_health.v1 import health_pb2, health_pb2_grpc  # pylint: disable=g-import-not-at-top
 
   deadline = time.monotonic() + timeout_s
-  async with grpc.aio.insecure_channel(address) as channel:
+  last_error = ""
+  async with _channel(address, security) as channel:
     stub = health_pb2_grpc.HealthStub(channel)
     while True:
       try:
@@ -127,21 +143,28 @@ async def wait_for_server(address: str, timeout_s: float) -> None:
                                  timeout=2.0)
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
           return
-      except grpc.aio.AioRpcError:
-        pass
+      except grpc.aio.AioRpcError as e:
+        # Kept for the timeout's message: a TLS handshake failure shows only here.
+        last_error = f"; last error: {e.code().name}: {e.details()}"
       if time.monotonic() > deadline:
-        raise TimeoutError(f"no SERVING verifier at {address} after {timeout_s:.0f} s")
+        raise TimeoutError(f"no SERVING verifier at {address} after {timeout_s:.0f} s"
+                           f"{last_error}")
       await asyncio.sleep(0.2)
 
 
 async def run_drafter(config: ServingConfig, server_address: str, *, client_index: int = 0,
                       events_path: str | None = None, run_id: str | None = None,
-                      on_tokens=None, connect_timeout_s: float = 600.0) -> list[RequestOutput]:
-  """Loads the draft model, serves this client's share of the workload, returns the outputs."""
+                      on_tokens=None, connect_timeout_s: float = 600.0,
+                      security: security_lib.ClientSecurity | None = None) -> list[RequestOutput]:
+  """Loads the draft model, serves this client's share of the workload, returns the outputs.
+
+  `security` None connects in plaintext without a token (the old behaviour)."""
+  if security is not None:
+    security.require_allowed()  # a refused config fails before the model loads
   num_clients = config.edge.num_drafters
   requests = workload.shard(workload.load_requests(config), client_index, num_clients)
   engine = build_draft_engine(config)
-  await wait_for_server(server_address, connect_timeout_s)
+  await wait_for_server(server_address, connect_timeout_s, security)
   log = event_log(events_path, "specedge")
   tags = {"run_id": run_id} if run_id else {}
   drafter_config = DrafterConfig(
@@ -151,7 +174,7 @@ async def run_drafter(config: ServingConfig, server_address: str, *, client_inde
       max_new_tokens=config.workload.max_new_tokens, sampling=config.workload.sampling,
       seed=config.workload.seed, simulated_rtt_ms=config.edge.simulated_rtt_ms)
   try:
-    async with grpc.aio.insecure_channel(server_address) as channel:
+    async with _channel(server_address, security) as channel:
       drafter = Drafter(engine, channel, drafter_config, event_log=log, event_tags=tags,
                         on_tokens=on_tokens)
       return await drafter.run(requests)

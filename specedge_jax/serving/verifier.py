@@ -11,6 +11,12 @@ and the wiring of its three parts, one module each:
 The standard gRPC health service reports SERVING for "" and `specedge.v1.Verifier` while the
 server runs, and NOT_SERVING once it is stopping. Clients come and go: there is no fixed client
 count and no barrier.
+
+Transport security (`security.py`): with a `ServerSecurity` the port is TLS (mutual TLS with a
+client CA), or plaintext only if it allows that; with a tokens file every call but the health
+service needs a client's bearer token (an interceptor refuses the rest with UNAUTHENTICATED) and
+the servicer learns the caller's name through `identify`. `security=None` keeps the old
+behaviour: a plaintext port and no authentication (in-process tests).
 """
 
 from __future__ import annotations
@@ -24,11 +30,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from specedge_jax import api
 from specedge_jax.measure.events import EventLog
 from specedge_jax.serving.engine_worker import EngineWorker, PrefillCache
-from specedge_jax.serving.proto import specedge_pb2_grpc
+from specedge_jax.serving import security as security_lib
 from specedge_jax.serving.serving_config import BatchingConfig
-from specedge_jax.serving.servicer import EngineLimits, VerifierServicer
+from specedge_jax.serving.servicer import SERVICE_NAME, EngineLimits, VerifierServicer
 
-SERVICE_NAME = "specedge.v1.Verifier"
 
 
 class VerifierServer:
@@ -46,8 +51,13 @@ class VerifierServer:
                batching: BatchingConfig = BatchingConfig(),
                tokenizer=None, eos_token_ids: Sequence[int] | None = None,
                event_log: EventLog | None = None, prefill_cache_entries: int = 0,
-               session_timeout_s: float = 600.0, limits: EngineLimits | None = None):
+               session_timeout_s: float = 30.0, max_sessions_per_client: int = 0,
+               limits: EngineLimits | None = None,
+               security: security_lib.ServerSecurity | None = None):
+    """`session_timeout_s` is a session's lease: a session with no call for that long is closed
+    and its slot freed. `max_sessions_per_client` (0: none) caps the sessions one client holds."""
     self.engine = engine
+    self.security = security  # None: plaintext, no authentication (the old behaviour)
     self.limits = limits or EngineLimits.of(engine)
     self.batching = batching
     self._tokenizer = tokenizer
@@ -56,6 +66,7 @@ class VerifierServer:
     self.event_log = event_log
     self._prefill_cache = PrefillCache(prefill_cache_entries) if prefill_cache_entries else None
     self._session_timeout_s = session_timeout_s
+    self._max_sessions_per_client = max_sessions_per_client
     self._server: grpc.aio.Server | None = None
     self._health: health.aio.HealthServicer | None = None
     self.worker: EngineWorker | None = None
@@ -65,19 +76,31 @@ class VerifierServer:
 
   async def start(self, address: str = "127.0.0.1:0") -> int:
     """Starts serving on address ('host:port'; port 0 picks a free one). Returns the port."""
+    # Refused configs (plaintext without allow_insecure) fail here, before a thread is started.
+    credentials, authenticator = None, None
+    if self.security is not None:
+      credentials = security_lib.server_credentials(self.security)
+      authenticator = security_lib.Authenticator.from_security(self.security)
     loop = asyncio.get_running_loop()
     self.worker = EngineWorker(self.engine, loop=loop, batching=self.batching,
                                max_batch_size=self.limits.max_batch_size,
                                event_log=self.event_log, prefill_cache=self._prefill_cache)
     self.servicer = VerifierServicer(self.worker, self.limits, tokenizer=self._tokenizer,
-                                     eos_token_ids=self._eos_token_ids)
+                                     eos_token_ids=self._eos_token_ids,
+                                     max_sessions_per_client=self._max_sessions_per_client,
+                                     identify=authenticator.client_of if authenticator else None)
     # Trees of max_tree_nodes int32 tokens and parents are small; 16 MiB leaves ample room while
     # still refusing absurd messages before they are parsed.
-    self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
-    specedge_pb2_grpc.add_VerifierServicer_to_server(self.servicer, self._server)
+    interceptors = [authenticator.interceptor()] if authenticator is not None else []
+    self._server = grpc.aio.server(interceptors=interceptors,
+                                   options=[("grpc.max_receive_message_length", 16 << 20)])
+    self._server.add_generic_rpc_handlers((self.servicer.rpc_handlers(),))
     self._health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-    self.port = self._server.add_insecure_port(address)
+    if credentials is not None:
+      self.port = self._server.add_secure_port(address, credentials)
+    else:  # security None (the old default) or a config that allows plaintext
+      self.port = self._server.add_insecure_port(address)
     if not self.port:
       raise OSError(f"cannot bind the verifier to {address}")
     self.worker.start()
@@ -88,7 +111,8 @@ class VerifierServer:
     return self.port
 
   async def _reap_forever(self, servicer: VerifierServicer) -> None:
-    period = max(0.05, min(30.0, self._session_timeout_s / 4))
+    # Often enough that a slot comes back within about a quarter lease of the lease's end.
+    period = max(0.02, min(1.0, self._session_timeout_s / 4))
     while True:
       await asyncio.sleep(period)
       await servicer.reap_idle_sessions(self._session_timeout_s)
