@@ -101,7 +101,10 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
   for sig in (signal.SIGINT, signal.SIGTERM):
     loop.add_signal_handler(sig, stop.set)
   await stop.wait()
-  _log.info("verifier shutting down")
+  _log.info("verifier draining: no new sessions, up to %.1f s for the open ones",
+            config.server.drain_s)
+  left = await server.drain(config.server.drain_s)
+  _log.info("verifier shutting down (%d sessions handed back)", left)
   await server.stop(grace=2.0)
   if log is not None:
     log.close()

@@ -71,6 +71,7 @@ class ServerConfig:
   # A session's lease: a session with no call for this long is closed and its slot freed.
   session_timeout_s: float = 30.0
   max_sessions_per_client: int = 0  # sessions one client may hold; 0: no cap beyond the slots
+  drain_s: float = 10.0  # on SIGTERM: how long open sessions may still be served
   batching: BatchingConfig = BatchingConfig()
 
   def __post_init__(self):
@@ -83,6 +84,8 @@ class ServerConfig:
       raise ValueError(f"server.session_timeout_s must be > 0, got {self.session_timeout_s}")
     if self.max_sessions_per_client < 0:
       raise ValueError("server.max_sessions_per_client must be >= 0")
+    if not self.drain_s >= 0:
+      raise ValueError(f"server.drain_s must be >= 0, got {self.drain_s}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,6 +117,21 @@ class VerifierServer:
       await asyncio.sleep(period)
       await servicer.reap_idle_sessions(self._session_timeout_s)
 
+  async def drain(self, timeout_s: float) -> int:
+    """Going away: health turns NOT_SERVING, new sessions get UNAVAILABLE (a drafter retries
+    that, and resumes its requests on whatever serves this address next), and the open
+    sessions are served until they end or `timeout_s` passes. Returns the sessions still open;
+    `stop` then hands their rounds back (UNAVAILABLE), and their drafters resume them."""
+    if self.servicer is None or self._health is None:
+      raise RuntimeError("VerifierServer.drain() before start()")
+    self.servicer.draining = True
+    await self._health.enter_graceful_shutdown()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while self.servicer.sessions and loop.time() < deadline:
+      await asyncio.sleep(0.02)
+    return len(self.servicer.sessions)
+
   async def stop(self, grace: float | None = 1.0) -> None:
     if self._server is None:
       return

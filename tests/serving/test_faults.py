@@ -188,3 +188,38 @@ def test_outputs_are_unchanged_under_injected_delays_drops_reordering_and_cuts()
     prompt = requests_for(client, 3)[index].prompt_ids
     assert output.tokens == expected_output(prompt, max_new, VOCAB), output.request_id
     assert streamed[output.request_id] == output.tokens, "a token was lost or repeated"
+
+
+def test_a_draining_verifier_finishes_open_sessions_and_admits_no_new_ones():
+  from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4,
+                            forward_delay_s=0.01)
+
+  async def scenario():
+    server = VerifierServer(target, batching=BatchingConfig(mode="dynamic"))
+    port = await server.start("127.0.0.1:0")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+      drafter = Drafter(FakeDraftEngine(vocab_size=VOCAB, num_slots=1, correct_depth=1),
+                        channel, DrafterConfig(max_concurrent_requests=1, max_new_tokens=40))
+      serving = asyncio.ensure_future(drafter.run([EdgeRequest(request_id="r", prompt_ids=(3,))]))
+      while not target.verify_batch_sizes:  # the request is mid-way
+        await asyncio.sleep(0.005)
+      draining = asyncio.ensure_future(server.drain(timeout_s=20.0))
+      await asyncio.sleep(0.05)
+      stub = specedge_pb2_grpc.VerifierStub(channel)
+      try:
+        await stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[1], max_new_tokens=4))
+        raise AssertionError("a draining verifier admitted a session")
+      except grpc.aio.AioRpcError as e:
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and "going away" in e.details()
+      health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+      assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+      (output,) = await serving
+      left = await asyncio.wait_for(draining, timeout=5.0)  # it ends when the last session does
+    await server.stop(grace=None)
+    return output, left
+
+  output, left = run(scenario())
+  assert left == 0
+  assert output.error == "" and output.tokens == expected_output((3,), 40, VOCAB)
