@@ -428,15 +428,28 @@ class Drafter:
       if draft_slot is not None:
         await self._edge.run(self.engine.close, draft_slot, op="close")
       if session_id is not None:
-        try:
-          await self._call(self._stub.CloseSession,
-                           specedge_pb2.CloseSessionRequest(session_id=session_id))
-        except ServerError as e:
-          _log.warning("closing session of %s: %s", request.request_id, e)
+        await self._close(request.request_id, session_id)
       self._emit("request_end", request_id=request.request_id, n_generated=len(output.tokens),
                  finished_reason=output.finish_reason, error=output.error or None,
                  output_tokens=output.tokens)
     return output
+
+  async def _close(self, request_id: str, session_id: str) -> None:
+    """Closes the server session, again when the reply is lost (a NOT_FOUND then means the
+    first close went through); what is left open the server frees at the end of its lease."""
+    for attempt in range(self.config.verify_retries + 1):
+      try:
+        await self._call(self._stub.CloseSession,
+                         specedge_pb2.CloseSessionRequest(session_id=session_id))
+        return
+      except ServerError as e:
+        if attempt and e.code == grpc.StatusCode.NOT_FOUND:
+          return
+        if e.code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+          _log.warning("closing session of %s: %s", request_id, e)
+          return
+    _log.warning("closing session of %s: no answer; the server frees it after its lease",
+                 request_id)
 
   async def _close_quietly(self, session_id: str | None) -> None:
     """Best effort: a session the verifier may already have lost (it would free it at the end of
