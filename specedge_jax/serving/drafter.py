@@ -351,6 +351,9 @@ class Drafter:
                                  grpc.StatusCode.DEADLINE_EXCEEDED)
         if not transient or time.monotonic() > give_up:
           raise ServerError(f"OpenSession: {e.code().name}: {e.details()}", e.code()) from e
+        hint = dict(e.trailing_metadata() or ()).get("retry-after-ms")
+        if hint is not None and str(hint).isdigit():  # the server knows best when to come back
+          delay = min(int(hint) / 1000.0, config.open_retry_max_s * 4)
       await asyncio.sleep(delay * random.uniform(0.5, 1.0))
       delay = min(2 * delay, config.open_retry_max_s)
 

@@ -56,10 +56,12 @@ _log = logging.getLogger(__name__)
 class RequestError(Exception):
   """An error with the gRPC status the client should see."""
 
-  def __init__(self, code: grpc.StatusCode, message: str):
+  def __init__(self, code: grpc.StatusCode, message: str,
+               trailing_metadata: tuple[tuple[str, str], ...] = ()):
     super().__init__(message)
     self.code = code
     self.message = message
+    self.trailing_metadata = trailing_metadata
 
 
 

@@ -84,6 +84,8 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                           event_log=log, prefill_cache_entries=config.server.prefill_cache_entries,
                           session_timeout_s=config.server.session_timeout_s,
                           max_sessions_per_client=config.server.max_sessions_per_client,
+                          admission_queue=config.server.admission_queue,
+                          admission_wait_s=config.server.admission_wait_s,
                           security=security)
   bound = await server.start(f"{host}:{port}")
   _log.info("verifier serving on %s:%d (%s)", host, bound,

@@ -118,6 +118,7 @@ class _Session:
   open_response: specedge_pb2.OpenSessionResponse | None = None
   opened_at_step: int = 0  # steps_applied right after the open (a retry is only valid before)
   last_used: float = dataclasses.field(default_factory=time.monotonic)
+  opened_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -140,11 +141,14 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
 
   def __init__(self, worker: EngineWorker, limits: EngineLimits, *, tokenizer=None,
                eos_token_ids: Sequence[int] = (), identify: Identify | None = None,
-               max_sessions_per_client: int = 0):
+               max_sessions_per_client: int = 0, admission_queue: int = 0,
+               admission_wait_s: float = 10.0):
     """`identify` names the caller from its metadata (None: no authentication, every caller is
     the same anonymous client). `max_sessions_per_client` caps the sessions (open or opening)
     one client may hold, keyed by its authenticated name, else by its `client_id` label; 0 is
-    no cap beyond the slots."""
+    no cap beyond the slots. Opens that find every slot taken wait in a FIFO queue of
+    `admission_queue` places for up to `admission_wait_s`; past it (and at once with no queue)
+    they get RESOURCE_EXHAUSTED with a `retry-after-ms` hint in the trailing metadata."""
     if max_sessions_per_client < 0:
       raise ValueError(f"max_sessions_per_client must be >= 0, got {max_sessions_per_client}")
     self._worker = worker
@@ -158,6 +162,13 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     self._opens_in_flight_by: collections.Counter[str] = collections.Counter()
     self._warn_undecodable = _RateLimitedWarning()
     self.draining = False  # going away: no new sessions; the open ones are served to the end
+    self._admission: collections.deque[asyncio.Future] = collections.deque()
+    if admission_queue < 0 or not admission_wait_s > 0:
+      raise ValueError("admission_queue must be >= 0 and admission_wait_s > 0")
+    self._admission_queue = admission_queue
+    self._admission_wait_s = admission_wait_s
+    self._admitted = 0  # woken waiters that have not yet taken their slot
+    self._mean_session_s = 1.0  # running mean of session lifetimes, for the retry-after hint
     # Opens by (client, request_id, resume point): a retried open gets the session it made.
     self._open_by_key: dict[tuple, str] = {}
     self._opening: dict[tuple, asyncio.Future] = {}
@@ -272,6 +283,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     try:
       return await handler(request, self._caller(context))
     except RequestError as e:
+      if e.trailing_metadata:
+        context.set_trailing_metadata(e.trailing_metadata)
       await context.abort(e.code, e.message)
     except ValueError as e:  # the engine's own input checks
       await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -360,10 +373,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                            max_len=self._limits.max_len)
     except ValueError as e:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-    if len(self.sessions) + self._opens_in_flight >= self._limits.num_slots:
-      raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"all {self._limits.num_slots} server slots are taken; retry later")
     resume = self._resume(request)
+    await self._admit()  # no await between here and taking the slot below
     request_id = request.request_id or uuid.uuid4().hex
     job = _OpenJob(future=self._new_future(), request_id=request_id, prompt_ids=prompt_ids,
                    sampling=sampling, seed=int(request.seed),
@@ -371,6 +382,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                    resume_rounds=int(request.resume_rounds))
     self._opens_in_flight += 1
     self._opens_in_flight_by[quota_key] += 1
+    if self._admitted:
+      self._admitted -= 1
     if key is not None:
       self._opening[key] = job.future
     state = _OpenState()
@@ -388,6 +401,56 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if session is None or session.open_response is None:  # _open_done ran first: it sets both
       raise RuntimeError(f"request {request_id}: the open succeeded but no session was registered")
     return session.open_response
+
+  def _free_slots(self) -> int:
+    return self._limits.num_slots - len(self.sessions) - self._opens_in_flight - self._admitted
+
+  async def _admit(self) -> None:
+    """Returns once this open may take a slot: at once when one is free and nobody queues
+    before it; else after waiting its turn (FIFO) in the bounded queue."""
+    if self._free_slots() > 0 and not self._admission:
+      return
+    if len(self._admission) >= self._admission_queue:
+      hint_ms = int(1000 * min(10.0, max(0.05, (len(self._admission) + 1)
+                                         * self._mean_session_s / self._limits.num_slots)))
+      raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"all {self._limits.num_slots} server slots are taken and "
+                         f"{len(self._admission)} opens are queued; retry after {hint_ms} ms",
+                         (("retry-after-ms", str(hint_ms)),))
+    waiter = asyncio.get_running_loop().create_future()
+    self._admission.append(waiter)
+    try:
+      await asyncio.wait_for(waiter, self._admission_wait_s)
+    except asyncio.TimeoutError:
+      self._drop_waiter(waiter)
+      raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"no slot came free in {self._admission_wait_s:.1f} s; retry later",
+                         (("retry-after-ms", str(int(1000 * self._mean_session_s))),)) from None
+    except asyncio.CancelledError:  # the caller went away while it waited
+      self._drop_waiter(waiter)
+      raise
+    if self.draining:
+      self._admitted -= 1
+      self._wake_admission()
+      raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                         "the verifier is going away; reconnect elsewhere or later")
+
+  def _drop_waiter(self, waiter: asyncio.Future) -> None:
+    """A queued open that will not take its slot: out of the queue, or, if it was woken
+    already, its slot passed on to the next in line."""
+    if waiter in self._admission:
+      self._admission.remove(waiter)
+    elif waiter.done() and not waiter.cancelled():
+      self._admitted -= 1
+      self._wake_admission()
+
+  def _wake_admission(self) -> None:
+    """Lets the oldest queued opens take the slots that are free now."""
+    while self._admission and self._free_slots() > 0:
+      waiter = self._admission.popleft()
+      if not waiter.done():
+        self._admitted += 1
+        waiter.set_result(None)
 
   async def _replay_open(self, key: tuple) -> specedge_pb2.OpenSessionResponse | None:
     """The answer of an earlier open with this key (a retry after its reply was lost), waiting
@@ -415,6 +478,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if not self._opens_in_flight_by[quota_key]:
       del self._opens_in_flight_by[quota_key]
     if job.future.cancelled() or job.future.exception() is not None:
+      self._wake_admission()  # the slot it was to take is free again
       return
     opened: OpenResult = job.future.result()
     session = _Session(session_id=uuid.uuid4().hex, slot=opened.slot, request_id=job.request_id,
@@ -440,11 +504,15 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       self._abandon(session)
 
   def _forget(self, session: _Session) -> None:
-    """Removes a session from the table (and its open key): later calls get NOT_FOUND."""
-    self.sessions.pop(session.session_id, None)
+    """Removes a session from the table (and its open key): later calls get NOT_FOUND, and its
+    slot goes to the oldest queued open."""
+    if self.sessions.pop(session.session_id, None) is not None:
+      lifetime = time.monotonic() - session.opened_at
+      self._mean_session_s += 0.1 * (lifetime - self._mean_session_s)
     key = session.open_key
     if key is not None and self._open_by_key.get(key) == session.session_id:
       del self._open_by_key[key]
+    self._wake_admission()
 
   def _abandon(self, session: _Session) -> None:
     if session.session_id in self.sessions:

@@ -72,6 +72,10 @@ class ServerConfig:
   session_timeout_s: float = 30.0
   max_sessions_per_client: int = 0  # sessions one client may hold; 0: no cap beyond the slots
   drain_s: float = 10.0  # on SIGTERM: how long open sessions may still be served
+  # Opens beyond the slots wait first come first served in a queue this long, for at most
+  # admission_wait_s (fair: no client gets ahead by retrying faster); 0 refuses them at once.
+  admission_queue: int = 16
+  admission_wait_s: float = 10.0
   batching: BatchingConfig = BatchingConfig()
 
   def __post_init__(self):
@@ -84,6 +88,8 @@ class ServerConfig:
       raise ValueError(f"server.session_timeout_s must be > 0, got {self.session_timeout_s}")
     if self.max_sessions_per_client < 0:
       raise ValueError("server.max_sessions_per_client must be >= 0")
+    if self.admission_queue < 0 or not self.admission_wait_s > 0:
+      raise ValueError("server.admission_queue must be >= 0 and admission_wait_s > 0")
     if not self.drain_s >= 0:
       raise ValueError(f"server.drain_s must be >= 0, got {self.drain_s}")
 

@@ -52,10 +52,13 @@ class VerifierServer:
                tokenizer=None, eos_token_ids: Sequence[int] | None = None,
                event_log: EventLog | None = None, prefill_cache_entries: int = 0,
                session_timeout_s: float = 30.0, max_sessions_per_client: int = 0,
+               admission_queue: int = 0, admission_wait_s: float = 10.0,
                limits: EngineLimits | None = None,
                security: security_lib.ServerSecurity | None = None):
     """`session_timeout_s` is a session's lease: a session with no call for that long is closed
-    and its slot freed. `max_sessions_per_client` (0: none) caps the sessions one client holds."""
+    and its slot freed. `max_sessions_per_client` (0: none) caps the sessions one client holds.
+    Opens beyond the slots wait, first come first served, in a queue of `admission_queue` places
+    for up to `admission_wait_s` (0 places: refused at once, with a retry-after hint)."""
     self.engine = engine
     self.security = security  # None: plaintext, no authentication (the old behaviour)
     self.limits = limits or EngineLimits.of(engine)
@@ -67,6 +70,7 @@ class VerifierServer:
     self._prefill_cache = PrefillCache(prefill_cache_entries) if prefill_cache_entries else None
     self._session_timeout_s = session_timeout_s
     self._max_sessions_per_client = max_sessions_per_client
+    self._admission = (admission_queue, admission_wait_s)
     self._server: grpc.aio.Server | None = None
     self._health: health.aio.HealthServicer | None = None
     self.worker: EngineWorker | None = None
@@ -88,6 +92,8 @@ class VerifierServer:
     self.servicer = VerifierServicer(self.worker, self.limits, tokenizer=self._tokenizer,
                                      eos_token_ids=self._eos_token_ids,
                                      max_sessions_per_client=self._max_sessions_per_client,
+                                     admission_queue=self._admission[0],
+                                     admission_wait_s=self._admission[1],
                                      identify=authenticator.client_of if authenticator else None)
     # Trees of max_tree_nodes int32 tokens and parents are small; 16 MiB leaves ample room while
     # still refusing absurd messages before they are parsed.

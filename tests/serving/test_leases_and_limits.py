@@ -94,21 +94,22 @@ def test_a_session_whose_lease_runs_out_frees_its_slot():
   lease = 0.4
 
   async def scenario():
-    async with serving(target, session_timeout_s=lease) as (_, stub, _):
+    async with serving(target, session_timeout_s=lease, admission_queue=1) as (_, stub, _):
       kept = await open_session(stub, prompt=(1,))
       dropped = await open_session(stub, prompt=(2,))
-      await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, open_session(stub, prompt=(3,)))
+      newcomer = asyncio.ensure_future(open_session(stub, prompt=(3,)))  # queues for a slot
       root = kept.first_token
       started = time.monotonic()
-      while target.num_free_slots == 0:  # every call renews the kept session's lease
+      while not newcomer.done():  # every call renews the kept session's lease
         assert time.monotonic() - started < lease * 3, "the silent session kept its slot"
         root = await step(stub, kept.session_id, root)
-        await asyncio.sleep(lease / 4)
+        await asyncio.sleep(lease / 8)
       assert time.monotonic() - started >= lease * 0.9  # not before its lease ran out
       await expect_status(grpc.StatusCode.NOT_FOUND,
                           step(stub, dropped.session_id, dropped.first_token), "lease")
       await step(stub, kept.session_id, root)  # the renewed one is alive
-      await open_session(stub, prompt=(3,))  # and the freed slot serves a new client
+      opened = await newcomer  # and the freed slot went to the queued newcomer
+      await step(stub, opened.session_id, opened.first_token)
 
   run(scenario())
 
@@ -336,5 +337,59 @@ def test_an_open_whose_reply_was_lost_gets_the_session_it_made():
                                    resume_tokens=[first.first_token, root], resume_rounds=1)
       assert resumed.session_id not in (first.session_id, fresh.session_id)
       assert resumed.first_token == root
+
+  run(scenario())
+
+
+def test_opens_beyond_capacity_wait_their_turn_in_a_bounded_fifo_queue():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
+
+  async def scenario():
+    async with serving(target, admission_queue=3) as (_, stub, _):
+      held = [await open_session(stub, prompt=(i + 1,), request_id=f"held{i}") for i in range(2)]
+      order: list[str] = []
+
+      async def queued(name):
+        response = await open_session(stub, prompt=(7,), request_id=name)
+        order.append(name)
+        return response
+
+      waiting = []
+      for i in range(3):  # arrive in this order
+        waiting.append(asyncio.ensure_future(queued(f"q{i}")))
+        await asyncio.sleep(0.05)
+      with pytest.raises(grpc.aio.AioRpcError) as info:  # the queue is full
+        await open_session(stub, prompt=(8,))
+      assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+      hint = dict(info.value.trailing_metadata())["retry-after-ms"]
+      assert int(hint) > 0
+      assert not any(w.done() for w in waiting)
+      for session in held:  # each close admits the oldest waiter
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+      first_two = await asyncio.gather(waiting[0], waiting[1])
+      assert order == ["q0", "q1"]
+      await stub.CloseSession(pb.CloseSessionRequest(session_id=first_two[0].session_id))
+      await waiting[2]
+      assert order == ["q0", "q1", "q2"]
+
+  run(scenario())
+
+
+def test_a_queued_open_gives_up_after_its_wait_and_a_cancelled_one_leaves_the_queue():
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=1, max_batch_size=1)
+
+  async def scenario():
+    async with serving(target, admission_queue=2, admission_wait_s=0.2) as (server, stub, _):
+      held = await open_session(stub, prompt=(1,))
+      await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, open_session(stub, prompt=(2,)),
+                          "no slot came free")
+      await expect_status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[3],
+                                                                 max_new_tokens=4),
+                                           timeout=0.05))
+      await asyncio.sleep(0.1)
+      assert not server.servicer._admission, "a gone caller still holds a place in the queue"
+      await stub.CloseSession(pb.CloseSessionRequest(session_id=held.session_id))
+      await open_session(stub, prompt=(4,))  # the slot is not lost to either of them
 
   run(scenario())
