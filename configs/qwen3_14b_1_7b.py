@@ -4,9 +4,13 @@ Point `models.target` / `models.draft` at local checkpoints (HF folders with wei
 dirs from `launch/convert.py`); `configs/hf/qwen3_14b.json` and `qwen3_1_7b.json` are their
 architectures. Run the verifier on the GPU server and one drafter per edge GPU:
 
-    python -m launch.verifier --config=configs/qwen3_14b_1_7b.py --host=0.0.0.0 --port=50051
+    python -m launch.verifier --config=configs/qwen3_14b_1_7b.py --host=0.0.0.0 --port=50051 \
+        --tls_cert=server.pem --tls_key=server.key --auth_tokens=tokens.json
     python -m launch.drafter --config=configs/qwen3_14b_1_7b.py --server=SERVER:50051 \
-        --client_index=0 --config.edge.num_drafters=2
+        --client_index=0 --config.edge.num_drafters=2 --tls_ca=ca.pem --auth_token_file=edge0.token
+
+(`specedge_jax.serving.security.make_test_pki` / `make_tokens` write such files for a trial; a
+real deployment uses its own CA. Plaintext needs `--allow_insecure` on both sides.)
 
 The network is real there, so `edge.simulated_rtt_ms` is 0. Values follow the reference's
 example config (`config/specedge.example.yaml`): fp16 there, bf16 here (TPU/GPU native).

@@ -4,9 +4,13 @@ Everything but the target follows `qwen3_14b_1_7b.py` (read from beside this fil
 cannot drift apart); `configs/hf/qwen3_32b.json` is the target's architecture. Run it as the 14B
 pair, with this file:
 
-    python -m launch.verifier --config=configs/qwen3_32b_1_7b.py --host=0.0.0.0 --port=50051
+    python -m launch.verifier --config=configs/qwen3_32b_1_7b.py --host=0.0.0.0 --port=50051 \
+        --tls_cert=server.pem --tls_key=server.key --auth_tokens=tokens.json
     python -m launch.drafter --config=configs/qwen3_32b_1_7b.py --server=SERVER:50051 \
-        --client_index=0 --config.edge.num_drafters=2
+        --client_index=0 --config.edge.num_drafters=2 --tls_ca=ca.pem --auth_token_file=edge0.token
+
+(`specedge_jax.serving.security.make_test_pki` / `make_tokens` write such files for a trial; a
+real deployment uses its own CA. Plaintext needs `--allow_insecure` on both sides.)
 """
 
 import importlib.util
