@@ -32,7 +32,8 @@ import numpy as np
 # Request parameters
 
 
-MIN_TEMPERATURE = 1e-4
+# float32-representable, so the value a client sends as a proto float passes too.
+MIN_TEMPERATURE = float(np.float32(1e-4))
 MIN_TOP_P = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 
