@@ -43,7 +43,6 @@ from collections.abc import Callable
 
 import grpc
 import numpy as np
-import pytest
 from google.protobuf import message as protobuf_message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, given, settings
