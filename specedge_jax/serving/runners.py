@@ -177,7 +177,9 @@ async def run_drafter(config: ServingConfig, server_address: str, *, client_inde
       max_concurrent_requests=config.edge.requests_per_drafter,
       interleave=config.edge.interleave, proactive=config.proactive.enabled,
       max_new_tokens=config.workload.max_new_tokens, sampling=config.workload.sampling,
-      seed=config.workload.seed, simulated_rtt_ms=config.edge.simulated_rtt_ms)
+      seed=config.workload.seed, simulated_rtt_ms=config.edge.simulated_rtt_ms,
+      rpc_timeout_s=config.edge.rpc_timeout_s, verify_retries=config.edge.verify_retries,
+      reconnect_give_up_s=config.edge.reconnect_give_up_s)
   try:
     async with _channel(server_address, security) as channel:
       drafter = Drafter(engine, channel, drafter_config, event_log=log, event_tags=tags,

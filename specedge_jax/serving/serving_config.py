@@ -103,8 +103,17 @@ class EdgeConfig:
   interleave: bool = True
   simulated_rtt_ms: float = 0.0
   max_len: int = 1024  # committed rows of the draft cache
+  # The edge's side of faults: the deadline of one RPC, how often a Verify whose reply was lost
+  # is sent again (same step: idempotent), and how long to try to resume requests after the
+  # verifier went away before failing them.
+  rpc_timeout_s: float = 120.0
+  verify_retries: int = 3
+  reconnect_give_up_s: float = 60.0
 
   def __post_init__(self):
+    if not (self.rpc_timeout_s > 0 and self.reconnect_give_up_s >= 0 and self.verify_retries >= 0):
+      raise ValueError("edge.rpc_timeout_s must be > 0, edge.reconnect_give_up_s and "
+                       "edge.verify_retries >= 0")
     if self.num_drafters < 1 or self.requests_per_drafter < 1:
       raise ValueError("edge.num_drafters and edge.requests_per_drafter must be >= 1")
     if not self.simulated_rtt_ms >= 0:

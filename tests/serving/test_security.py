@@ -358,3 +358,27 @@ def test_the_launchers_refuse_plaintext_before_loading_anything():
     output, _ = child.communicate(timeout=120)
     assert child.returncode != 0
     assert "refusing to" in output and "--allow_insecure" in output, output[-2000:]
+
+
+def test_a_session_of_another_client_is_permission_denied_over_real_tokens(pki):
+  """Two authenticated clients on their own channels: edge1 can neither verify nor close
+  edge0's session, and edge0's session is untouched by the attempts."""
+
+  async def scenario():
+    async with serving(tls_server(pki, tokens_file=pki["tokens"])) as (_, address):
+      owner = sec.ClientSecurity(ca_file=pki["ca_cert"], token=token(pki, "edge0"))
+      intruder = sec.ClientSecurity(ca_file=pki["ca_cert"], token=token(pki, "edge1"))
+      async with sec.open_channel(address, owner) as mine, \
+          sec.open_channel(address, intruder) as theirs:
+        opened = await open_session(mine)
+        stub = specedge_pb2_grpc.VerifierStub(theirs)
+        verify = pb.VerifyRequest(session_id=opened.session_id, root_token=opened.first_token,
+                                  tokens=[(3 * opened.first_token + 1) % VOCAB], parents=[0])
+        for call in (stub.Verify(verify),
+                     stub.CloseSession(pb.CloseSessionRequest(session_id=opened.session_id))):
+          error = await status_of(call)
+          assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
+        answer = await specedge_pb2_grpc.VerifierStub(mine).Verify(verify)
+        assert list(answer.accepted_tokens) == list(verify.tokens)
+
+  run(scenario())
