@@ -80,7 +80,11 @@ async def expect_status(code: grpc.StatusCode, call, match: str = ""):
 ])
 def test_drafters_emit_the_target_chain(mode, proactive, interleave):
   """Three edges x K=2 interleaved requests: every output is the target's own chain."""
-  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=6, max_batch_size=4)
+  # A forward that takes a little time, as a real one does: the proactive job (low priority on
+  # the edge device) then runs while its tree is verified even on a loaded CI box, so every
+  # full acceptance is a hit (a zero-time forward let the answer overtake it there once).
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=6, max_batch_size=4,
+                            forward_delay_s=0.005)
   server_log = EventLog(None, "specedge")
   edge_log = EventLog(None, "specedge")
   streamed: dict[str, list[int]] = {}
