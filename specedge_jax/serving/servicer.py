@@ -374,7 +374,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     except ValueError as e:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
     resume = self._resume(request)
-    await self._admit()  # no await between here and taking the slot below
+    woken = await self._admit()  # no await between here and taking the slot below
     request_id = request.request_id or uuid.uuid4().hex
     job = _OpenJob(future=self._new_future(), request_id=request_id, prompt_ids=prompt_ids,
                    sampling=sampling, seed=int(request.seed),
@@ -382,7 +382,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                    resume_rounds=int(request.resume_rounds))
     self._opens_in_flight += 1
     self._opens_in_flight_by[quota_key] += 1
-    if self._admitted:
+    if woken:  # the slot it was woken for is taken now
       self._admitted -= 1
     if key is not None:
       self._opening[key] = job.future
@@ -405,11 +405,12 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   def _free_slots(self) -> int:
     return self._limits.num_slots - len(self.sessions) - self._opens_in_flight - self._admitted
 
-  async def _admit(self) -> None:
-    """Returns once this open may take a slot: at once when one is free and nobody queues
-    before it; else after waiting its turn (FIFO) in the bounded queue."""
+  async def _admit(self) -> bool:
+    """Returns once this open may take a slot: at once (False) when one is free and nobody
+    queues before it; else (True) after waiting its turn (FIFO) in the bounded queue, woken
+    with a slot reserved for it (`_admitted`)."""
     if self._free_slots() > 0 and not self._admission:
-      return
+      return False
     if len(self._admission) >= self._admission_queue:
       hint_ms = int(1000 * min(10.0, max(0.05, (len(self._admission) + 1)
                                          * self._mean_session_s / self._limits.num_slots)))
@@ -434,6 +435,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       self._wake_admission()
       raise RequestError(grpc.StatusCode.UNAVAILABLE,
                          "the verifier is going away; reconnect elsewhere or later")
+    return True
 
   def _drop_waiter(self, waiter: asyncio.Future) -> None:
     """A queued open that will not take its slot: out of the queue, or, if it was woken
