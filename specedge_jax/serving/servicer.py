@@ -2,18 +2,24 @@
 
 What this module owns: the servicer (`VerifierServicer`), its session table, the validation of
 every request field before anything reaches the engine, the mapping of engine errors to gRPC
-statuses, and the idle-session reaper. It loads no JAX: it knows the engine only through its
-limits (`EngineLimits`) and hands work to the engine thread (`engine_worker.EngineWorker`).
+statuses, sessions as leases bound to their client, admission (the FIFO queue, per-client
+quotas), idempotent retries of opens and verifies, and draining. It loads no JAX: it knows the
+engine only through its limits (`EngineLimits`) and hands work to the engine thread
+(`engine_worker.EngineWorker`).
 
 Threads: the handlers run on the asyncio event-loop thread, which alone reads and writes the
 session table, so the table needs no lock. Each handler validates a request, turns it into a job
-for the engine thread and awaits its future. Backpressure: each session has at most one verify
-in flight (a second one is FAILED_PRECONDITION), so pending verifies never exceed the number of
-slots; opens are refused with RESOURCE_EXHAUSTED here, before they queue, when sessions plus
-opens in flight fill every slot (the engine's own `SlotsExhausted` stays as the backstop).
-Sessions idle longer than `session_timeout_s` are closed by the reaper. Tokenizing a text prompt
-runs on the loop thread (HF fast tokenizers are Rust; short prompts take well under a
-millisecond).
+for the engine thread and awaits its future; a job's outcome is applied to the session in the
+future's done callback, even if the RPC was cancelled meanwhile, so the table never diverges
+from the engine and a retry finds the answer.
+
+Backpressure: each session has at most one verify in flight (a retry of the same step shares
+its answer; anything else is FAILED_PRECONDITION), so pending verifies never exceed the slots.
+Opens that find every slot taken wait their turn in a bounded FIFO queue, or get
+RESOURCE_EXHAUSTED with a retry-after hint (the engine's own `SlotsExhausted` stays as the
+backstop); one client holds at most its quota. Every call renews a session's lease; the reaper
+closes sessions whose lease ran out. Every field is bounded before it is copied, and a text
+prompt is tokenized in an executor, off the loop.
 """
 
 from __future__ import annotations
