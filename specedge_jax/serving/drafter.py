@@ -30,6 +30,15 @@ Simulated network: `simulated_rtt_ms` sleeps half before each send and half afte
 receive, in the request's task, so it delays that request only (as a real link would), not the
 device or other requests.
 
+Faults: a Verify whose reply is lost (deadline, cut connection) is sent again with the same
+step, which the server answers from its stored result, so nothing is applied twice; an open or a
+close whose reply is lost is sent again too (an open with the same request_id gets the session it
+made). When the verifier loses the session itself (it went away or restarted: UNAVAILABLE,
+NOT_FOUND), the round is abandoned on the device and the request resumes in a new session that
+carries every token already emitted, retrying with backoff and jitter until
+`reconnect_give_up_s`. Tokens reach `on_tokens` only from answered rounds, so a user sees none
+twice and misses none.
+
 Where the GIL blocks: the device thread holds the GIL while it builds small numpy trees and
 releases it while XLA runs the draft model; the loop thread takes it for protobuf work and
 callbacks, microseconds per step.
