@@ -243,12 +243,15 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                            f"prompt has {len(request.prompt_token_ids)} tokens; this server "
                            f"has max_len {self._limits.max_len}")
       ids = tuple(request.prompt_token_ids)
-    bad = [t for t in ids if not 0 <= t < self._limits.vocab_size]
+    self._check_vocabulary("prompt token ids", ids)
+    return ids, has_text
+
+  def _check_vocabulary(self, what: str, tokens: Sequence[int]) -> None:
+    bad = [t for t in tokens if not 0 <= t < self._limits.vocab_size]
     if bad:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"prompt token ids {bad[:5]} are outside the vocabulary "
+                         f"{what} {bad[:5]} are outside the vocabulary "
                          f"[0, {self._limits.vocab_size})")
-    return ids, has_text
 
   def _resume(self, request: specedge_pb2.OpenSessionRequest) -> tuple[int, ...]:
     """The tokens an earlier session of this request emitted (empty: a new request)."""
@@ -263,11 +266,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                          f"{count} resume_tokens leave nothing of max_new_tokens "
                          f"{request.max_new_tokens} to generate")
     tokens = tuple(request.resume_tokens)
-    bad = [t for t in tokens if not 0 <= t < self._limits.vocab_size]
-    if bad:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"resume_tokens {bad[:5]} are outside the vocabulary "
-                         f"[0, {self._limits.vocab_size})")
+    self._check_vocabulary("resume_tokens", tokens)
     if not 0 <= request.resume_rounds < count:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                          f"resume_rounds must be in [0, {count - 1}] for {count} resume_tokens, "

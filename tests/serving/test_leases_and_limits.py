@@ -10,7 +10,6 @@ sampling parameters are refused; tokenizing a long text does not block the event
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import grpc
@@ -19,24 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specedge_jax import api
 from specedge_jax.serving.proto import specedge_pb2 as pb
-from specedge_jax.serving.proto import specedge_pb2_grpc
 from specedge_jax.serving.serving_config import BatchingConfig
-from specedge_jax.serving.verifier import VerifierServer
 from specedge_jax.testing.fakes import FakeTargetEngine, successor
+from specedge_jax.testing.servers import running_verifier
 
 VOCAB = 50
 
 
-@contextlib.asynccontextmanager
-async def serving(engine, **server_kwargs):
-  server = VerifierServer(engine, **server_kwargs)
-  port = await server.start("127.0.0.1:0")
-  channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-  try:
-    yield server, specedge_pb2_grpc.VerifierStub(channel), channel
-  finally:
-    await channel.close()
-    await server.stop(grace=None)
+serving = running_verifier
 
 
 def run(coro):
@@ -70,7 +59,7 @@ def test_a_silent_session_costs_one_bounded_wait_not_one_per_round():
 
   async def scenario():
     batching = BatchingConfig(mode="static", static_timeout_s=timeout)
-    async with serving(target, batching=batching) as (_, stub, _):
+    async with serving(target, batching=batching) as (_, _, stub):
       live = await open_session(stub, prompt=(1,))
       silent = await open_session(stub, prompt=(2,))  # opens, then never sends a tree
       root, waits = live.first_token, []
@@ -94,7 +83,7 @@ def test_a_session_whose_lease_runs_out_frees_its_slot():
   lease = 0.4
 
   async def scenario():
-    async with serving(target, session_timeout_s=lease, admission_queue=1) as (_, stub, _):
+    async with serving(target, session_timeout_s=lease, admission_queue=1) as (_, _, stub):
       kept = await open_session(stub, prompt=(1,))
       dropped = await open_session(stub, prompt=(2,))
       newcomer = asyncio.ensure_future(open_session(stub, prompt=(3,)))  # queues for a slot
@@ -133,7 +122,7 @@ def test_a_session_answers_only_the_client_that_opened_it():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4)
 
   async def scenario():
-    async with serving(target) as (server, stub, _):
+    async with serving(target) as (server, _, stub):
       server.servicer._identify = _identify  # what security.Authenticator.client_of provides
       alice = await open_session(stub, metadata=_as("alice"))
       await expect_status(grpc.StatusCode.PERMISSION_DENIED,
@@ -156,7 +145,7 @@ def test_one_client_cannot_hold_more_than_its_quota():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=6, max_batch_size=4)
 
   async def scenario():
-    async with serving(target, max_sessions_per_client=2) as (_, stub, _):
+    async with serving(target, max_sessions_per_client=2) as (_, _, stub):
       held = [await open_session(stub, client_id="greedy", prompt=(i + 1,)) for i in range(2)]
       await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           open_session(stub, client_id="greedy", prompt=(5,)), "quota")
@@ -176,7 +165,7 @@ def test_oversized_fields_are_refused_without_echoing_them():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2, max_len=64)
 
   async def scenario():
-    async with serving(target) as (_, stub, _):
+    async with serving(target) as (_, _, stub):
       huge_id = "x" * 16384
       details = await expect_status(
           grpc.StatusCode.INVALID_ARGUMENT,
@@ -223,7 +212,7 @@ def test_tokenizing_a_prompt_does_not_block_the_event_loop():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
 
   async def scenario():
-    async with serving(target, tokenizer=SlowTokenizer()) as (_, stub, channel):
+    async with serving(target, tokenizer=SlowTokenizer()) as (_, channel, stub):
       health = health_pb2_grpc.HealthStub(channel)
       opening = asyncio.ensure_future(stub.OpenSession(pb.OpenSessionRequest(
           prompt_text="a long prompt", max_new_tokens=4)))
@@ -246,7 +235,7 @@ def test_undecodable_requests_get_invalid_argument_and_one_log_line(caplog):
   garbage = b"\xff\xff\xff\xff\x0f"
 
   async def scenario():
-    async with serving(target) as (_, stub, channel):
+    async with serving(target) as (_, channel, stub):
       raw = channel.unary_unary("/specedge.v1.Verifier/OpenSession")
       for payload in [bad_utf8, garbage] * 50:
         await expect_status(grpc.StatusCode.INVALID_ARGUMENT, raw(payload), "does not decode")
@@ -264,7 +253,7 @@ def test_a_verify_whose_reply_was_lost_is_answered_again_not_applied_twice():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2, forward_delay_s=0.5)
 
   async def scenario():
-    async with serving(target) as (_, stub, _):
+    async with serving(target) as (_, _, stub):
       session = await open_session(stub, prompt=(4,), max_new_tokens=16)
       root = session.first_token
       chain = [successor(root, VOCAB)]
@@ -305,7 +294,7 @@ def test_the_drafter_retries_a_lost_verify_and_loses_no_token():
   streamed: list[int] = []
 
   async def scenario():
-    async with serving(target) as (_, _, channel):
+    async with serving(target) as (_, channel, _):
       drafter = Drafter(FakeDraftEngine(vocab_size=VOCAB, num_slots=1, correct_depth=2), channel,
                         DrafterConfig(max_concurrent_requests=1, max_new_tokens=9,
                                       rpc_timeout_s=0.1, verify_retries=3),
@@ -322,7 +311,7 @@ def test_an_open_whose_reply_was_lost_gets_the_session_it_made():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=4)
 
   async def scenario():
-    async with serving(target) as (_, stub, _):
+    async with serving(target) as (_, _, stub):
       first = await open_session(stub, client_id="edge", request_id="r1")
       again = await open_session(stub, client_id="edge", request_id="r1")  # a retry
       assert again.session_id == first.session_id
@@ -345,7 +334,7 @@ def test_opens_beyond_capacity_wait_their_turn_in_a_bounded_fifo_queue():
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
 
   async def scenario():
-    async with serving(target, admission_queue=3) as (_, stub, _):
+    async with serving(target, admission_queue=3) as (_, _, stub):
       held = [await open_session(stub, prompt=(i + 1,), request_id=f"held{i}") for i in range(2)]
       order: list[str] = []
 
@@ -379,7 +368,7 @@ def test_a_queued_open_gives_up_after_its_wait_and_a_cancelled_one_leaves_the_qu
   target = FakeTargetEngine(vocab_size=VOCAB, num_slots=1, max_batch_size=1)
 
   async def scenario():
-    async with serving(target, admission_queue=2, admission_wait_s=0.2) as (server, stub, _):
+    async with serving(target, admission_queue=2, admission_wait_s=0.2) as (server, _, stub):
       held = await open_session(stub, prompt=(1,))
       await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, open_session(stub, prompt=(2,)),
                           "no slot came free")

@@ -8,7 +8,6 @@ test_serving_engines.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 
 import grpc
@@ -19,24 +18,14 @@ from specedge_jax.measure import metrics
 from specedge_jax.measure.events import EventLog
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeDevice, EdgeRequest
 from specedge_jax.serving.proto import specedge_pb2 as pb
-from specedge_jax.serving.proto import specedge_pb2_grpc
 from specedge_jax.serving.serving_config import BatchingConfig
-from specedge_jax.serving.verifier import VerifierServer
 from specedge_jax.testing.fakes import FakeDraftEngine, FakeTargetEngine, expected_output, successor
+from specedge_jax.testing.servers import running_verifier
 
 VOCAB = 50
 
 
-@contextlib.asynccontextmanager
-async def serving(engine, **server_kwargs):
-  server = VerifierServer(engine, **server_kwargs)
-  port = await server.start("127.0.0.1:0")
-  channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-  try:
-    yield server, channel, specedge_pb2_grpc.VerifierStub(channel)
-  finally:
-    await channel.close()
-    await server.stop(grace=None)
+serving = running_verifier
 
 
 def run(coro):
