@@ -111,17 +111,10 @@ class TargetEngine:
     if self.eos_token_ids & {int(t) for t in generated}:
       raise ValueError("a resumed request's generated tokens already hold an EOS token")
     known = np.concatenate([prompt, generated[:-1]])
-    if not self._free:
-      raise api.SlotsExhausted(f"all {self.num_slots} slots are busy")
-    slot = self._free.pop(0)
     start = time.perf_counter()
-    try:
-      self.cache, _ = prefill_lib.prefill(self.graphdef, self.state, self.cache, slot, known, 0,
-                                          self.chunk_sizes, self.clock)
-    except BaseException:
-      self._free.append(slot)
-      self._free.sort()
-      raise
+    slot, _ = self._fill_free_slot(
+        lambda cache, slot: prefill_lib.prefill(self.graphdef, self.state, cache, slot, known, 0,
+                                                self.chunk_sizes, self.clock))
     self.last_forward_s = time.perf_counter() - start
     self._sessions[slot] = _TargetSession(
         prompt_ids=tuple(int(t) for t in prompt), prefix_len=int(known.size),
@@ -170,6 +163,20 @@ class TargetEngine:
                          max_len=self.max_len)
     return prompt
 
+  def _fill_free_slot(self, fill) -> tuple[int, object]:
+    """Takes the lowest free slot and runs `fill(cache, slot) -> (cache, out)` on it; returns
+    (slot, out). If `fill` raises, the slot goes back to the free list."""
+    if not self._free:
+      raise api.SlotsExhausted(f"all {self.num_slots} slots are busy")
+    slot = self._free.pop(0)
+    try:
+      self.cache, out = fill(self.cache, slot)
+    except BaseException:
+      self._free.append(slot)
+      self._free.sort()
+      raise
+    return slot, out
+
   def _open_slot(self, prompt: np.ndarray, sampling: SamplingParams, seed: int,
                  max_new_tokens: int, fill) -> tuple[int, int, bool]:
     """Takes a free slot, fills its rows, samples the first token and opens the session.
@@ -180,16 +187,8 @@ class TargetEngine:
     starts, so the first token is sampled the same way whichever way the rows were filled. If
     `fill` raises, the slot goes back to the free list.
     """
-    if not self._free:
-      raise api.SlotsExhausted(f"all {self.num_slots} slots are busy")
-    slot = self._free.pop(0)
     start = time.perf_counter()
-    try:
-      self.cache, logits = fill(self.cache, slot)
-    except BaseException:
-      self._free.append(slot)
-      self._free.sort()
-      raise
+    slot, logits = self._fill_free_slot(fill)
     seed = int(seed) & 0xFFFFFFFF
     params = sampling_lib.stack_params([sampling])
     keys = verify_lib.request_keys(np.array([seed], np.uint32), np.array([0], np.int32))
@@ -244,8 +243,9 @@ class TargetEngine:
     stacked = sampling_lib.stack_params(params)
     start = time.perf_counter()
     self.cache, path_nodes, path_len, bonus, _ = self.clock(
-        verify_lib.verify, self.graphdef, self.state, self.cache, slots, prefix_len, tokens, parents, num_nodes,
-        stacked["temperature"], stacked["top_p"], stacked["top_k"], seeds, steps)
+        verify_lib.verify, self.graphdef, self.state, self.cache, slots, prefix_len, tokens,
+        parents, num_nodes, stacked["temperature"], stacked["top_p"], stacked["top_k"], seeds,
+        steps)
     path_nodes, path_len, bonus = jax.device_get((path_nodes, path_len, bonus))
     self.last_forward_s = time.perf_counter() - start
     results = []

@@ -25,7 +25,8 @@ from specedge_jax.testing.fakes import FakeDraftEngine, FakeTargetEngine, expect
 
 VOCAB = 50
 # Reconnect quickly after the server comes back (gRPC's default first backoff is 1 s).
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 200)]
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 50),
+                   ("grpc.max_reconnect_backoff_ms", 200)]
 
 
 def run(coro, timeout=60):
@@ -41,6 +42,17 @@ def free_port() -> int:
 def requests_for(client: int, n: int) -> list[EdgeRequest]:
   return [EdgeRequest(request_id=f"c{client}r{i}", prompt_ids=(client + 1, 7 * i + 3 + client))
           for i in range(n)]
+
+
+def assert_exact_and_streamed(outputs, streamed: dict[str, list[int]], max_new: int) -> None:
+  """Every request of `requests_for` ended with the target's own output, and its user saw
+  exactly that stream: no token lost or repeated."""
+  for output in outputs:
+    assert output.error == "", output.error
+    client, index = int(output.request_id[1]), int(output.request_id[3:])
+    prompt = requests_for(client, 3)[index].prompt_ids
+    assert output.tokens == expected_output(prompt, max_new, VOCAB), output.request_id
+    assert streamed[output.request_id] == output.tokens, "a token was lost or repeated"
 
 
 def test_every_request_survives_a_verifier_restart_with_no_token_lost_or_repeated():
@@ -83,12 +95,7 @@ def test_every_request_survives_a_verifier_restart_with_no_token_lost_or_repeate
 
   outputs = run(scenario())
   assert len(outputs) == 6
-  for output in outputs:
-    assert output.error == "", output.error
-    client, index = int(output.request_id[1]), int(output.request_id[3:])
-    prompt = requests_for(client, 3)[index].prompt_ids
-    assert output.tokens == expected_output(prompt, max_new, VOCAB), output.request_id
-    assert streamed[output.request_id] == output.tokens, "a token was lost or repeated"
+  assert_exact_and_streamed(outputs, streamed, max_new)
   resumed = [e for e in edge_log.events if e["kind"] == "request_resumed"]
   assert resumed, "no request had to resume: the restart came too late to test anything"
 
@@ -182,12 +189,7 @@ def test_outputs_are_unchanged_under_injected_delays_drops_reordering_and_cuts()
 
   outputs, counts = run(scenario(), timeout=120)
   assert counts.faults >= 10, f"too few faults to test anything: {counts}"
-  for output in outputs:
-    assert output.error == "", output.error
-    client, index = int(output.request_id[1]), int(output.request_id[3:])
-    prompt = requests_for(client, 3)[index].prompt_ids
-    assert output.tokens == expected_output(prompt, max_new, VOCAB), output.request_id
-    assert streamed[output.request_id] == output.tokens, "a token was lost or repeated"
+  assert_exact_and_streamed(outputs, streamed, max_new)
 
 
 def test_a_draining_verifier_finishes_open_sessions_and_admits_no_new_ones():
