@@ -224,8 +224,13 @@ class ServerError(RuntimeError):
 
 # A round that failed with these is served again in a new session that resumes the request: the
 # verifier went away (UNAVAILABLE), came back without the session (NOT_FOUND), or never answered.
+# CANCELLED reaches a client as an AioRpcError only from the other side: a server that stops
+# cancels the calls in flight (our own cancellation is asyncio.CancelledError instead).
 _RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
-              grpc.StatusCode.DEADLINE_EXCEEDED)
+              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# A call that may be sent again as it is: its reply was lost, or the server was going away.
+_RETRIABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+              grpc.StatusCode.CANCELLED)
 
 
 class Drafter:
@@ -289,7 +294,7 @@ class Drafter:
       try:
         response = await self._stub.Verify(request, timeout=self.config.rpc_timeout_s)
       except grpc.aio.AioRpcError as e:
-        retriable = e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        retriable = e.code() in _RETRIABLE
         if not retriable or attempt == self.config.verify_retries:
           raise ServerError(f"{e.code().name}: {e.details()}", e.code()) from e
         _log.warning("Verify of %s step %d: %s; retrying", request.session_id[:8], request.step,
@@ -356,8 +361,7 @@ class Drafter:
         # coordination between clients, until the give-up time.
         # A lost reply (DEADLINE_EXCEEDED) is safe to retry too: an open with the same
         # request_id gets the session the first one made.
-        transient = e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE,
-                                 grpc.StatusCode.DEADLINE_EXCEEDED)
+        transient = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or e.code() in _RETRIABLE
         if not transient or time.monotonic() > give_up:
           raise ServerError(f"OpenSession: {e.code().name}: {e.details()}", e.code()) from e
         hint = dict(e.trailing_metadata() or ()).get("retry-after-ms")
@@ -457,7 +461,7 @@ class Drafter:
       except ServerError as e:
         if attempt and e.code == grpc.StatusCode.NOT_FOUND:
           return
-        if e.code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        if e.code not in _RETRIABLE:
           _log.warning("closing session of %s: %s", request_id, e)
           return
     _log.warning("closing session of %s: no answer; the server frees it after its lease",
