@@ -21,7 +21,8 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
   server_batch    t_start, t_end, op, batch_size, tokens (tree/decode/prefill tokens in the
                   forward), forward_time_s, queue_time_s (mean wait of the batch's requests
                   before the forward), request_ids; the verifier's 'prefill' adds
-                  prefill_cache_hit (tokens is 0 on a hit). op is one of:
+                  prefill_cache_hit (tokens is 0 on a hit), its 'verify' adds accepted_depths
+                  (tree nodes accepted per request, in request_ids order). op is one of:
                     'prefill'        the target's prompt prefill (verifier, baselines)
                     'verify'         a batched tree verification (verifier, server_only_spec)
                     'decode'         a batched autoregressive step (server_only_ar)
@@ -43,15 +44,23 @@ Optional on any event: `run_id`, a name shared by all logs of one experiment run
 'specedge-c8'). The report groups events into runs by `run_id`, or by `system` when it is absent,
 so a sweep over client counts gives each run its own `run_id`. Warm-up forwards are not logged:
 the report takes a run's wall time as the span of its logged events.
+
+Listeners (`EventLog.add_listener`) see every event right after it is written, so live consumers
+(`specedge_jax.measure.prometheus`) are driven by exactly what the log holds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+_log = logging.getLogger(__name__)
+
+Listener = Callable[[dict[str, Any]], None]
 
 EVENT_KINDS = ("request_start", "request_step", "request_end", "server_batch", "edge_busy",
                "request_resumed")
@@ -70,13 +79,25 @@ class EventLog:
   """Appends events to a JSONL file. Thread-safe; each line is flushed as written.
 
   A None path gives a log that only keeps events in memory (`events`), for tests.
+
+  Listeners added with `add_listener` are called with each event dict after it is written, on the
+  emitting thread and outside the lock (a slow listener must not serialize the emitters). They
+  must not mutate the dict: it is the object kept in `events`.
   """
 
-  def __init__(self, path: str | os.PathLike | None, system: str, keep_in_memory: bool = False):
+  def __init__(self, path: str | os.PathLike | None, system: str,
+               keep_in_memory: bool | None = None):
+    """`keep_in_memory` None keeps the events in `events` only when there is no file; False
+    never keeps them (a log that only feeds its listeners, in a long-running server)."""
     self.system = system
     self._lock = threading.Lock()
     self._file = None
-    self.events: list[dict[str, Any]] | None = [] if (keep_in_memory or path is None) else None
+    # A tuple replaced on change: emit reads it without the lock and never sees it half-updated.
+    self._listeners: tuple[Listener, ...] = ()
+    self._listener_failures = 0
+    if keep_in_memory is None:
+      keep_in_memory = path is None
+    self.events: list[dict[str, Any]] | None = [] if keep_in_memory else None
     if path is not None:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
       self._file = open(path, "a", buffering=1)
@@ -90,7 +111,33 @@ class EventLog:
         self._file.write(json.dumps(event) + "\n")
       if self.events is not None:
         self.events.append(event)
+      listeners = self._listeners
+    for listener in listeners:
+      try:
+        listener(event)
+      except Exception:  # pylint: disable=broad-except (a consumer must never break the log)
+        self._listener_failed(listener)
     return event
+
+  def add_listener(self, callback: Listener) -> None:
+    """Calls `callback(event)` for every event emitted from now on, after it is written."""
+    with self._lock:
+      self._listeners = (*self._listeners, callback)
+
+  def remove_listener(self, callback: Listener) -> None:
+    # By equality, not identity: each `obj.method` access makes a new (equal) bound method.
+    with self._lock:
+      self._listeners = tuple(cb for cb in self._listeners if cb != callback)
+
+  def _listener_failed(self, listener: Listener) -> None:
+    with self._lock:
+      self._listener_failures += 1
+      failures = self._listener_failures
+    # The first failure with its traceback, then one line per 1000: a listener broken for good
+    # must not flood the log with a traceback per event.
+    if failures == 1 or failures % 1000 == 0:
+      _log.exception("event listener %r failed (%d failures so far); event kept", listener,
+                     failures)
 
   def close(self) -> None:
     with self._lock:

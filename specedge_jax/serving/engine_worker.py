@@ -328,7 +328,8 @@ class EngineWorker:
                         tokens=int(sum(len(job.tree.tokens) for job in batch)),
                         forward_time_s=ended - started,
                         queue_time_s=float(np.mean(queue_times)),
-                        request_ids=[job.request_id for job in batch])
+                        request_ids=[job.request_id for job in batch],
+                        accepted_depths=[len(result.accepted) for result in results])
     for job, result, queue_time in zip(batch, results, queue_times):
       if result.finished:
         self._active_slots.discard(job.slot)
