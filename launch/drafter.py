@@ -5,10 +5,16 @@
       --client_index=3 --config.edge.num_drafters=8 --stream \
       --tls_ca=ca.pem --auth_token_file=edge3.token [--tls_client_cert=c.pem --tls_client_key=c.key]
 
+  python -m launch.drafter --server=127.0.0.1:50051 --allow_insecure --http_port=8000 \
+      [--http_api_keys_file=keys.txt]      # the OpenAI-compatible API, chat page and /metrics
+
 Plaintext needs --allow_insecure. The token is read from a file so that it never shows in `ps`.
 
-Serves share `client_index` of `edge.num_drafters` of the workload (round-robin) and exits.
-Exits with status 1 if any request failed.
+Without --http_port: serves share `client_index` of `edge.num_drafters` of the workload
+(round-robin) and exits, with status 1 if any request failed. With --http_port: serves
+`POST /v1/completions`, `POST /v1/chat/completions` (streaming as server-sent events, one event
+per verification round), `GET /v1/models`, the chat page at `/` and Prometheus metrics at
+`/metrics` until SIGINT/SIGTERM (serving/http_api.py).
 """
 
 import asyncio
@@ -30,6 +36,18 @@ _TLS_CLIENT_CERT = flags.DEFINE_string("tls_client_cert", "", "This edge's certi
 _TLS_CLIENT_KEY = flags.DEFINE_string("tls_client_key", "", "Its private key (PEM).")
 _AUTH_TOKEN_FILE = flags.DEFINE_string("auth_token_file", "", "A file holding this edge's "
                                        "bearer token.")
+_HTTP_PORT = flags.DEFINE_integer(
+    "http_port", None, "Serve the OpenAI-compatible HTTP API on this port (0 picks a free one) "
+    "until SIGINT/SIGTERM, instead of replaying the workload.")
+_HTTP_HOST = flags.DEFINE_string("http_host", "127.0.0.1", "Interface of the HTTP API.")
+_HTTP_PORT_FILE = flags.DEFINE_string("http_port_file", None,
+                                      "Write the HTTP API's bound port here once serving.")
+_HTTP_API_KEYS_FILE = flags.DEFINE_string(
+    "http_api_keys_file", "", "A file of API keys, one per line: HTTP clients must then send "
+    "one as 'Authorization: Bearer <key>'. Unset: no key is asked for.")
+_SERVED_MODEL_NAME = flags.DEFINE_string(
+    "served_model_name", "", "The model id of the HTTP API; default: <config name>-<target "
+    "folder name>.")
 
 
 def main(argv):
@@ -43,8 +61,22 @@ def main(argv):
     client_security.require_allowed()
   except security.SecurityConfigError as e:
     raise app.UsageError(str(e)) from None
+  api_keys = frozenset()
+  if _HTTP_API_KEYS_FILE.value:
+    try:
+      api_keys = security.read_api_keys_file(_HTTP_API_KEYS_FILE.value)
+    except security.SecurityConfigError as e:
+      raise app.UsageError(str(e)) from None
   serving_flags.setup_process()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  if _HTTP_PORT.value is not None:
+    asyncio.run(runners.serve_drafter_http(
+        serving_flags.serving_config(), _SERVER.value, client_index=_CLIENT_INDEX.value,
+        http_host=_HTTP_HOST.value, http_port=_HTTP_PORT.value,
+        http_port_file=_HTTP_PORT_FILE.value, api_keys=api_keys,
+        model_name=_SERVED_MODEL_NAME.value, events_path=serving_flags.EVENT_LOG.value,
+        run_id=serving_flags.RUN_ID.value, security=client_security))
+    return
   on_tokens = None
   if _STREAM.value:
     on_tokens = lambda request_id, tokens, finished: print(

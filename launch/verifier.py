@@ -8,6 +8,8 @@ Plaintext needs --allow_insecure. --auth_tokens is a JSON object {"client name":
 call but the health service must then carry its client's token. See serving/security.py
 (`make_test_pki`, `make_tokens` write a test CA, certificates and tokens).
 
+--metrics_port serves Prometheus metrics (`specedge_` names; measure/prometheus.py).
+
 Serves until SIGINT/SIGTERM. See specedge_jax/serving/verifier.py for threads and batching.
 """
 
@@ -28,6 +30,11 @@ _TLS_CLIENT_CA = flags.DEFINE_string(
     "tls_client_ca", "", "Require client certificates signed by this CA (mutual TLS).")
 _AUTH_TOKENS = flags.DEFINE_string(
     "auth_tokens", "", 'Per-client bearer tokens, a JSON file {"client name": "token", ...}.')
+_METRICS_PORT = flags.DEFINE_integer(
+    "metrics_port", None, "Serve Prometheus metrics at http://<metrics_host>:<port>/metrics "
+    "(0 picks a free port); unset: no metrics endpoint.")
+_METRICS_HOST = flags.DEFINE_string("metrics_host", "127.0.0.1",
+                                    "Interface of the metrics endpoint.")
 
 
 def main(argv):
@@ -45,7 +52,8 @@ def main(argv):
   asyncio.run(runners.serve_verifier(
       serving_flags.serving_config(), host=_HOST.value, port=_PORT.value,
       port_file=_PORT_FILE.value, events_path=serving_flags.EVENT_LOG.value,
-      run_id=serving_flags.RUN_ID.value, security=server_security))
+      run_id=serving_flags.RUN_ID.value, security=server_security,
+      metrics_port=_METRICS_PORT.value, metrics_host=_METRICS_HOST.value))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ callbacks, microseconds per step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -54,6 +55,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from typing import Any, Callable, Sequence
 
 import grpc
@@ -78,6 +80,9 @@ class DrafterConfig:
 
   client_id: str = "edge0"
   max_concurrent_requests: int = 2  # K: requests interleaved on this edge
+  # `submit`: requests beyond the K running wait, first come first served, in a queue of this
+  # many places; past it `submit` raises QueueFull (the HTTP API answers 429).
+  max_queued_requests: int = 16
   interleave: bool = True  # draft one request while another waits on the server
   proactive: bool = False  # call draft_proactive while a tree is in flight
   max_new_tokens: int = 64
@@ -104,6 +109,8 @@ class DrafterConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.verify_retries < 0:
       raise ValueError(f"verify_retries must be >= 0, got {self.verify_retries}")
+    if self.max_queued_requests < 0:
+      raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
     if not self.simulated_rtt_ms >= 0:
       raise ValueError(f"simulated_rtt_ms must be >= 0, got {self.simulated_rtt_ms}")
 
@@ -118,11 +125,39 @@ class EdgeRequest:
   dataset: str | None = None
   category: str | None = None
   seed: int | None = None  # the server sampler's seed; None: DrafterConfig.seed + position
+  max_new_tokens: int | None = None  # None: DrafterConfig.max_new_tokens
+  sampling: SamplingParams | None = None  # None: DrafterConfig.sampling
 
   def __post_init__(self):
     if bool(self.prompt_ids) == bool(self.prompt_text):
       raise ValueError(f"request {self.request_id!r}: give exactly one of prompt_ids and "
                        "prompt_text")
+    if self.max_new_tokens is not None and self.max_new_tokens < 1:
+      raise ValueError(f"request {self.request_id!r}: max_new_tokens must be >= 1, got "
+                       f"{self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundUpdate:
+  """What one round of a request gave its user (`Drafter.submit` streams these).
+
+  Round 0 is the first token (the server's prefill); rounds 1, 2, ... are verification rounds.
+  A request that fails ends with an update of no tokens, finish_reason 'error', the message and
+  the gRPC status name of the failure (`error_code`, '' when it did not come from the server).
+  """
+
+  tokens: tuple[int, ...]  # emitted to the user by this round (accepted path + bonus)
+  round: int
+  accepted: int = 0  # draft tokens the verifier accepted this round
+  tree_size: int = 0  # draft tokens sent this round
+  finished: bool = False
+  finish_reason: str = ""  # '' while running; then 'eos' | 'length' | 'error' | 'cancelled'
+  error: str = ""
+  error_code: str = ""
+
+
+class QueueFull(RuntimeError):
+  """`Drafter.submit`: K requests are running and the wait queue is full."""
 
 
 @dataclasses.dataclass
@@ -233,6 +268,64 @@ _RETRIABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
               grpc.StatusCode.CANCELLED)
 
 
+class RequestStream:
+  """The live output of one submitted request: async-iterate its `RoundUpdate`s (the last one
+  has `finished`), or `cancel()` it. Made by `Drafter.submit`."""
+
+  def __init__(self):
+    self._updates: asyncio.Queue[RoundUpdate] = asyncio.Queue()
+    self._task: asyncio.Task | None = None
+    self._done = False
+
+  def __aiter__(self) -> "RequestStream":
+    return self
+
+  async def __anext__(self) -> RoundUpdate:
+    if self._done:
+      raise StopAsyncIteration
+    if self._task is None:
+      raise RuntimeError("RequestStream: not started by Drafter.submit")
+    getter = asyncio.ensure_future(self._updates.get())
+    try:
+      # The task ends after its last update (or by cancellation, with none): wait for both.
+      await asyncio.wait({getter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      if not getter.done():
+        getter.cancel()
+    if getter.done() and not getter.cancelled():
+      update = getter.result()
+    elif not self._updates.empty():
+      update = self._updates.get_nowait()
+    else:
+      self._done = True
+      raise StopAsyncIteration
+    if update.finished:
+      self._done = True
+    return update
+
+  async def cancel(self) -> None:
+    """Stops the request now: nothing more is emitted, and its draft slot and server session
+    are freed by its own task, which this does not wait for (so a caller that is itself being
+    cancelled, such as a handler whose HTTP client went away, cannot cut the clean-up short).
+    Idempotent; a finished request is left as it is."""
+    self._done = True
+    if self._task is not None and not self._task.done():
+      self._task.cancel()
+
+  @property
+  def output(self) -> RequestOutput | None:
+    """The request's output once its task has ended normally; None before, or if cancelled."""
+    if self._task is None or not self._task.done() or self._task.cancelled():
+      return None
+    return self._task.result()
+
+  async def closed(self) -> RequestOutput | None:
+    """Waits until the request has also freed its slots; its output (None if cancelled)."""
+    if self._task is not None:
+      await asyncio.wait({self._task})
+    return self.output
+
+
 class Drafter:
   """Serves a list of requests through one verifier, K at a time, on one draft engine.
 
@@ -240,7 +333,15 @@ class Drafter:
 
       async with grpc.aio.insecure_channel("127.0.0.1:50051") as channel:
         drafter = Drafter(draft_engine, channel, DrafterConfig(client_id="edge0"))
-        outputs = await drafter.run(requests)
+        outputs = await drafter.run(requests)          # a fixed workload, K at a time
+
+  or, as a long-lived service (the HTTP API's backend):
+
+      await drafter.start()
+      stream = drafter.submit(EdgeRequest(...))      # QueueFull when K run and the queue is full
+      async for update in stream: ...                # one RoundUpdate per round
+      await stream.cancel()                          # early: frees its slots on both sides
+      await drafter.stop()
   """
 
   def __init__(self, engine: api.DraftEngineProtocol, channel: grpc.aio.Channel,
@@ -254,19 +355,25 @@ class Drafter:
     self._on_tokens = on_tokens
     self._device: EdgeDevice | None = None
     self._turn: asyncio.Lock | None = None
+    self._slots = asyncio.Semaphore(config.max_concurrent_requests)
+    self._running = 0  # requests holding one of the K places
+    self._queued = 0  # requests waiting for one
+    self._tasks: set[asyncio.Task] = set()
+    self._closing: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()  # in their clean-up
+    self._seeds = itertools.count()  # `submit`'s default seeds: config.seed + arrival order
 
   @property
   def _edge(self) -> EdgeDevice:
-    """The edge device of the current `run()`."""
+    """The edge device, from `start()` to `stop()`."""
     if self._device is None:
-      raise RuntimeError("Drafter: the edge device is used before run()")
+      raise RuntimeError("Drafter: the edge device is used before start()")
     return self._device
 
   @property
   def _turn_lock(self) -> asyncio.Lock:
-    """The turn of the current `run()` (interleave=False: one request drafts at a time)."""
+    """The turn (interleave=False: one request drafts at a time), from `start()` on."""
     if self._turn is None:
-      raise RuntimeError("Drafter: the turn lock is used before run()")
+      raise RuntimeError("Drafter: the turn lock is used before start()")
     return self._turn
 
   def _emit(self, kind: str, **fields) -> None:
@@ -306,41 +413,104 @@ class Drafter:
       return response
     raise AssertionError("unreachable: the last attempt returns or raises")
 
-  async def run(self, requests: Sequence[EdgeRequest]) -> list[RequestOutput]:
-    """Serves every request; K at a time. Returns outputs in request order."""
+  # -- lifecycle and admission -------------------------------------------------------------------
+
+  async def start(self) -> None:
+    """Starts the edge device thread; `submit` works from here until `stop`."""
+    if self._device is not None:
+      raise RuntimeError("Drafter.start(): already started")
     loop = asyncio.get_running_loop()
-    device = EdgeDevice(loop, client_id=self.config.client_id, event_log=self._events,
-                        event_tags=self._tags)
-    self._device = device
+    self._device = EdgeDevice(loop, client_id=self.config.client_id, event_log=self._events,
+                              event_tags=self._tags)
     self._turn = asyncio.Lock()
-    todo = list(enumerate(requests))
-    outputs: dict[int, RequestOutput] = {}  # request index -> its output
+    self._slots = asyncio.Semaphore(self.config.max_concurrent_requests)
 
-    async def worker():
-      while todo:
-        index, request = todo.pop(0)
-        seed = request.seed if request.seed is not None else self.config.seed + index
-        outputs[index] = await self._serve(request, seed=seed)
+  async def stop(self) -> None:
+    """Cancels what still runs or waits (freeing its slots on both sides), then stops the
+    device thread."""
+    tasks = list(self._tasks)
+    for task in tasks:
+      if task not in self._closing:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    device, self._device = self._device, None
+    if device is not None:
+      await asyncio.get_running_loop().run_in_executor(None, device.stop)
 
+  def stats(self) -> dict[str, int]:
+    """Requests running and queued, and the edge's free draft slots (one per running request)."""
+    return dict(running=self._running, queued=self._queued,
+                free_slots=self.config.max_concurrent_requests - self._running,
+                max_running=self.config.max_concurrent_requests,
+                max_queued=self.config.max_queued_requests)
+
+  def submit(self, request: EdgeRequest) -> "RequestStream":
+    """Starts serving `request` beside the others (at most K run; the rest wait their turn) and
+    returns its stream of `RoundUpdate`s. Raises QueueFull when K run and the queue is full."""
+    if self._device is None:
+      raise RuntimeError("Drafter.submit() before start()")
+    # Counted synchronously: a request submitted a moment ago may not have taken its place yet.
+    held = self._running + self._queued
+    k = self.config.max_concurrent_requests
+    if held >= k + self.config.max_queued_requests:
+      raise QueueFull(f"{k} requests are running on edge {self.config.client_id} and "
+                      f"{held - k} are queued (the most: {self.config.max_queued_requests}); "
+                      "retry later")
+    seed = request.seed if request.seed is not None else self.config.seed + next(self._seeds)
+    stream = RequestStream()
+    stream._task = self._spawn(request, seed, stream._updates.put_nowait)
+    return stream
+
+  def _spawn(self, request: EdgeRequest, seed: int,
+             on_round: Callable[[RoundUpdate], None] | None) -> asyncio.Task:
+    """A task that waits for one of the K places, then serves the request in it."""
+    self._queued += 1
+
+    async def serve_in_turn() -> RequestOutput:
+      queued = True
+      try:
+        async with self._slots:
+          self._queued, queued = self._queued - 1, False
+          self._running += 1
+          try:
+            return await self._serve(request, seed, on_round)
+          finally:
+            self._running -= 1
+      finally:
+        if queued:  # cancelled while it waited for a place
+          self._queued -= 1
+
+    task = asyncio.get_running_loop().create_task(serve_in_turn())
+    self._tasks.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(self._tasks.discard)
+    return task
+
+  async def run(self, requests: Sequence[EdgeRequest]) -> list[RequestOutput]:
+    """Serves every request; K at a time, in order. Returns outputs in request order.
+
+    Request i gets the seed `config.seed + i` unless it has its own. The queue bound of
+    `submit` does not apply: the whole list is this call's own workload."""
+    await self.start()
     try:
-      await asyncio.gather(*(worker() for _ in range(self.config.max_concurrent_requests)))
+      tasks = [self._spawn(request, request.seed if request.seed is not None
+                           else self.config.seed + index, None)
+               for index, request in enumerate(requests)]
+      return list(await asyncio.gather(*tasks))
     finally:
-      await loop.run_in_executor(None, device.stop)
-    # Every worker ran until `todo` was empty, and each request it took got an output.
-    return [outputs[index] for index in range(len(requests))]
+      await self.stop()
 
   async def _open_session(self, request: EdgeRequest, seed: int,
                           resume: RequestOutput | None = None, prompt_ids: Sequence[int] = ()):
     """Opens the request's server session, retrying with backoff while the server is full or
     unreachable. With `resume` (the request's output so far), a new session continues it."""
     config = self.config
-    sampling = specedge_pb2.SamplingParams(temperature=config.sampling.temperature,
-                                           top_p=config.sampling.top_p,
-                                           top_k=config.sampling.top_k)
+    params = request.sampling or config.sampling
+    sampling = specedge_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p,
+                                           top_k=params.top_k)
     message = specedge_pb2.OpenSessionRequest(
         prompt_text=request.prompt_text, prompt_token_ids=request.prompt_ids, sampling=sampling,
-        seed=seed, max_new_tokens=config.max_new_tokens, client_id=config.client_id,
-        request_id=request.request_id)
+        seed=seed, max_new_tokens=request.max_new_tokens or config.max_new_tokens,
+        client_id=config.client_id, request_id=request.request_id)
     give_up_s = config.open_give_up_s
     if resume is not None:
       message.ClearField("prompt_text")  # the server's own tokenization, from the first session
@@ -352,8 +522,12 @@ class Drafter:
     while True:
       await self._network_delay()
       try:
-        response = await self._stub.OpenSession(message, timeout=config.rpc_timeout_s)
-        await self._network_delay()
+        try:
+          response = await self._stub.OpenSession(message, timeout=config.rpc_timeout_s)
+          await self._network_delay()
+        except asyncio.CancelledError:
+          self._reclaim_later(message)
+          raise
         return response
       except grpc.aio.AioRpcError as e:
         # A full server is normal under load, and a restarting one comes back: back off and
@@ -370,8 +544,32 @@ class Drafter:
       await asyncio.sleep(delay * random.uniform(0.5, 1.0))
       delay = min(2 * delay, config.open_retry_max_s)
 
-  async def _serve(self, request: EdgeRequest, seed: int) -> RequestOutput:
+  def _reclaim_later(self, message: specedge_pb2.OpenSessionRequest) -> None:
+    """Frees the session an open may have made on the server although its caller went away
+    while it was in flight (a cancelled request): the same open again, which is idempotent (it
+    returns that session, or makes one), then a close, in a task of its own. Without it the
+    slot would come back only at the end of its lease."""
+
+    async def reclaim() -> None:
+      try:
+        opened = await self._stub.OpenSession(message, timeout=2.0)
+        await self._stub.CloseSession(
+            specedge_pb2.CloseSessionRequest(session_id=opened.session_id), timeout=2.0)
+      except grpc.aio.AioRpcError as e:  # best effort: the lease frees it otherwise
+        _log.info("freeing the session of cancelled request %s: %s", message.request_id,
+                  e.code().name)
+
+    task = asyncio.get_running_loop().create_task(reclaim())
+    self._tasks.add(task)
+    self._closing.add(task)  # `stop` lets it finish
+    task.add_done_callback(self._tasks.discard)
+
+  async def _serve(self, request: EdgeRequest, seed: int,
+                   on_round: Callable[[RoundUpdate], None] | None = None) -> RequestOutput:
+    """Serves one request to its end. A cancelled request (its user went away) still frees its
+    draft slot and closes its server session before the cancellation goes on."""
     t_submit = time.time()
+    report = on_round or (lambda update: None)
     output = RequestOutput(request_id=request.request_id, prompt_tokens=len(request.prompt_ids),
                            tokens=[], finish_reason="error")
     session_id: str | None = None
@@ -391,11 +589,21 @@ class Drafter:
                  wait_time_s=time.time() - t_submit, tree_size=0, accepted_depth=None,
                  proactive_hit=None, phase="prefill")
       self._stream([opened.first_token], opened.finished, request.request_id)
+      report(RoundUpdate(tokens=(opened.first_token,), round=0, finished=opened.finished,
+                         finish_reason=(opened.finish_reason or "length") if opened.finished
+                         else ""))
       finished, reason = opened.finished, opened.finish_reason
       root = opened.first_token
       if not finished:
-        slot: int = await self._edge.run(self.engine.open, prompt_ids, opened.first_token,
-                                         op="prefill")
+        open_job = self._edge.submit(self.engine.open, prompt_ids, opened.first_token,
+                                     op="prefill")
+        try:
+          slot: int = await asyncio.shield(open_job.future)
+        except asyncio.CancelledError:
+          # The device opens the slot all the same: wait for it, so that `finally` frees it.
+          with contextlib.suppress(Exception):
+            draft_slot = await open_job.future
+          raise
         draft_slot = slot
         while not finished:
           try:
@@ -431,12 +639,28 @@ class Drafter:
                      n_tokens=len(response.emitted_tokens), phase="verify", **step)
           self._stream(list(response.emitted_tokens), response.finished, request.request_id)
           finished, reason, root = response.finished, response.finish_reason, response.bonus_token
+          report(RoundUpdate(tokens=tuple(response.emitted_tokens), round=output.steps,
+                             accepted=len(response.accepted_tokens), tree_size=step["tree_size"],
+                             finished=finished, finish_reason=(reason or "length") if finished
+                             else ""))
       output.finish_reason = reason or "length"
+    except asyncio.CancelledError:
+      # The user went away (`RequestStream.cancel`, `stop`): clean up below, then go on
+      # cancelling. What was emitted stays emitted; nothing more is sent.
+      output.finish_reason = "cancelled"
+      raise
     except Exception as e:  # pylint: disable=broad-except (one request's failure is reported)
       _log.error("request %s failed: %s", request.request_id, e)
       output.error = f"{type(e).__name__}: {e}"
       output.finish_reason = "error"
+      code = e.code.name if isinstance(e, ServerError) and e.code is not None else ""
+      report(RoundUpdate(tokens=(), round=output.steps, finished=True, finish_reason="error",
+                         error=output.error, error_code=code))
     finally:
+      # From here the request only cleans up; `stop` lets that finish rather than cut it short.
+      task = asyncio.current_task()
+      if task is not None:
+        self._closing.add(task)
       if not started_logged:
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=output.prompt_tokens, dataset=request.dataset,
@@ -492,12 +716,16 @@ class Drafter:
       proactive_job = self._edge.submit(self.engine.draft_proactive, draft_slot,
                                         op="proactive", priority=EdgeDevice.PROACTIVE)
     sent = time.time()
-    response = await self._verify(specedge_pb2.VerifyRequest(
-        session_id=session_id, root_token=root, tokens=tokens[1:].tolist(),
-        parents=parents[1:].tolist(), step=round_index))
+    try:
+      response = await self._verify(specedge_pb2.VerifyRequest(
+          session_id=session_id, root_token=root, tokens=tokens[1:].tolist(),
+          parents=parents[1:].tolist(), step=round_index))
+    finally:
+      # Answered or not (failed, cancelled), the proactive tree of this round is useless now; one
+      # not yet started must not run later on a slot that is being abandoned, closed or reused.
+      if proactive_job is not None:
+        EdgeDevice.cancel(proactive_job)
     wait_time = time.time() - sent
-    if proactive_job is not None:
-      EdgeDevice.cancel(proactive_job)
     result = VerifyResult(accepted=list(response.accepted_tokens), bonus=int(response.bonus_token),
                           emitted=list(response.emitted_tokens), finished=bool(response.finished))
     hit = await self._edge.run(self.engine.commit, draft_slot, result, op="commit")

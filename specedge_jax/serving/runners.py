@@ -43,22 +43,31 @@ def event_log(path: str | None, system: str) -> EventLog | None:
 
 def build_target_engine(config: ServingConfig, model=None) -> TargetEngine:
   """The verifier's engine, warmed up (every batch bucket, prefill chunk and snapshot copy)."""
+  # The "... loaded in" / "... warmed up in" lines mark start-up phases (bench/startup.py).
+  start = time.perf_counter()
   model = model or load_model(config.models.target, config.models.dtype)
+  loaded = time.perf_counter()
+  _log.info("target model loaded in %.2f s", loaded - start)
   server = config.server
   engine = TargetEngine(model, num_slots=server.num_slots, max_len=server.max_len,
                         max_tree_nodes=config.max_tree_nodes,
                         max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk)
   engine.warmup(prefill_snapshots=server.prefill_cache_entries > 0)
+  _log.info("target engine warmed up in %.2f s", time.perf_counter() - loaded)
   return engine
 
 
 def build_draft_engine(config: ServingConfig, num_slots: int | None = None,
                        model=None) -> DraftEngine:
   """An edge's draft engine, warmed up."""
+  start = time.perf_counter()
   model = model or load_model(config.models.draft, config.models.dtype)
+  loaded = time.perf_counter()
+  _log.info("draft model loaded in %.2f s", loaded - start)
   engine = DraftEngine(model, num_slots=num_slots or config.edge.requests_per_drafter,
                        max_len=config.edge.max_len, tree=config.tree, proactive=config.proactive)
   engine.warmup()
+  _log.info("draft engine warmed up in %.2f s", time.perf_counter() - loaded)
   return engine
 
 
@@ -66,11 +75,13 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                          port_file: str | None = None, events_path: str | None = None,
                          run_id: str | None = None,
                          on_ready: Callable[[int], None] | None = None,
-                         security: security_lib.ServerSecurity | None = None) -> None:
+                         security: security_lib.ServerSecurity | None = None,
+                         metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
+                         on_metrics_ready: Callable[[int], None] | None = None) -> None:
   """Loads the target, serves until SIGINT/SIGTERM, then shuts down gracefully.
 
   `security` None serves plaintext without authentication (the old behaviour); the launcher
-  always passes one."""
+  always passes one. `metrics_port` (0: any free port) serves Prometheus metrics over HTTP."""
   if security is not None:
     security_lib.server_credentials(security)  # a refused config fails before the model loads
   engine = build_target_engine(config)
@@ -78,6 +89,14 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
   if has_tokenizer(config.models.tokenizer_dir):
     tokenizer = workload.load_tokenizer(config.models.tokenizer_dir)
   log = event_log(events_path, "specedge")
+  metrics = None
+  if metrics_port is not None:
+    from specedge_jax.measure import prometheus  # pylint: disable=g-import-not-at-top
+
+    metrics = prometheus.VerifierMetrics()
+    # Events feed the metrics; without a log file none are kept in memory.
+    log = log or EventLog(None, "specedge", keep_in_memory=False)
+    log.add_listener(metrics.observe)
   if log is not None and run_id:
     log = _Tagged(log, run_id=run_id)
   server = VerifierServer(engine, batching=config.server.batching, tokenizer=tokenizer,
@@ -96,12 +115,20 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
     with open(tmp, "w") as f:
       f.write(str(bound))
     os.replace(tmp, port_file)
+  if metrics is not None:
+    servicer = server.servicer
+    if servicer is None:
+      raise RuntimeError("the verifier started without a servicer")
+    metrics.set_gauge_sources(free_slots=lambda: servicer.free_slots,
+                              sessions=lambda: len(servicer.sessions),
+                              admission_queue=lambda: servicer.admission_queue_length)
+    metrics_bound = prometheus.serve_http(metrics.registry, metrics_port or 0, metrics_host)
+    _log.info("verifier metrics at http://%s:%d/metrics", metrics_host, metrics_bound)
+    if on_metrics_ready is not None:
+      on_metrics_ready(metrics_bound)
   if on_ready is not None:
     on_ready(bound)
-  stop = asyncio.Event()
-  loop = asyncio.get_running_loop()
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    loop.add_signal_handler(sig, stop.set)
+  stop = _stop_on_signals()
   await stop.wait()
   _log.info("verifier draining: no new sessions, up to %.1f s for the open ones",
             config.server.drain_s)
@@ -157,6 +184,18 @@ async def wait_for_server(address: str, timeout_s: float,
       await asyncio.sleep(0.2)
 
 
+def _drafter_config(config: ServingConfig, client_index: int) -> DrafterConfig:
+  edge = config.edge
+  return DrafterConfig(
+      client_id=f"edge{client_index}", max_concurrent_requests=edge.requests_per_drafter,
+      max_queued_requests=edge.max_queued_requests, interleave=edge.interleave,
+      proactive=config.proactive.enabled, max_new_tokens=config.workload.max_new_tokens,
+      sampling=config.workload.sampling, seed=config.workload.seed,
+      simulated_rtt_ms=edge.simulated_rtt_ms, open_give_up_s=edge.open_give_up_s,
+      rpc_timeout_s=edge.rpc_timeout_s, verify_retries=edge.verify_retries,
+      reconnect_give_up_s=edge.reconnect_give_up_s)
+
+
 async def run_drafter(config: ServingConfig, server_address: str, *, client_index: int = 0,
                       events_path: str | None = None, run_id: str | None = None,
                       on_tokens=None, connect_timeout_s: float = 600.0,
@@ -172,14 +211,7 @@ async def run_drafter(config: ServingConfig, server_address: str, *, client_inde
   await wait_for_server(server_address, connect_timeout_s, security)
   log = event_log(events_path, "specedge")
   tags = {"run_id": run_id} if run_id else {}
-  drafter_config = DrafterConfig(
-      client_id=f"edge{client_index}",
-      max_concurrent_requests=config.edge.requests_per_drafter,
-      interleave=config.edge.interleave, proactive=config.proactive.enabled,
-      max_new_tokens=config.workload.max_new_tokens, sampling=config.workload.sampling,
-      seed=config.workload.seed, simulated_rtt_ms=config.edge.simulated_rtt_ms,
-      rpc_timeout_s=config.edge.rpc_timeout_s, verify_retries=config.edge.verify_retries,
-      reconnect_give_up_s=config.edge.reconnect_give_up_s)
+  drafter_config = _drafter_config(config, client_index)
   try:
     async with _channel(server_address, security) as channel:
       drafter = Drafter(engine, channel, drafter_config, event_log=log, event_tags=tags,
@@ -188,6 +220,74 @@ async def run_drafter(config: ServingConfig, server_address: str, *, client_inde
   finally:
     if log is not None:
       log.close()
+
+
+async def serve_drafter_http(config: ServingConfig, server_address: str, *,
+                             client_index: int = 0, http_host: str = "127.0.0.1",
+                             http_port: int = 8000, http_port_file: str | None = None,
+                             api_keys: frozenset[str] = frozenset(), model_name: str = "",
+                             events_path: str | None = None, run_id: str | None = None,
+                             security: security_lib.ClientSecurity | None = None,
+                             stop: asyncio.Event | None = None,
+                             on_ready: Callable[[int], None] | None = None) -> None:
+  """Loads the draft model and serves the OpenAI-compatible HTTP API, the chat page and
+  /metrics on this edge, in this event loop beside the gRPC client, until SIGINT/SIGTERM (or
+  `stop` is set). HTTP requests join the drafter's K interleaved requests, so pipeline-aware
+  scheduling and proactive drafting apply to them; beyond K they wait in a queue of
+  `edge.max_queued_requests` places, past which they get 429."""
+  from specedge_jax.measure import prometheus  # pylint: disable=g-import-not-at-top
+  from specedge_jax.serving import http_api  # pylint: disable=g-import-not-at-top (fastapi)
+
+  if security is not None:
+    security.require_allowed()  # a refused config fails before the model loads
+  if not has_tokenizer(config.models.tokenizer_dir):
+    raise ValueError(f"the HTTP API needs the target's tokenizer (chat template, decoding); "
+                     f"{config.models.tokenizer_dir!r} holds none: set models.tokenizer")
+  tokenizer = workload.load_tokenizer(config.models.tokenizer_dir)
+  engine = build_draft_engine(config)
+  metrics = prometheus.EdgeMetrics()
+  # Events feed /metrics; without a log file none are kept in memory (a server runs for days).
+  log = EventLog(events_path, "specedge", keep_in_memory=False)
+  log.add_listener(metrics.observe)
+  tags = {"run_id": run_id} if run_id else {}
+  name = model_name or served_model_name(config)
+  async with _channel(server_address, security) as channel:
+    drafter = Drafter(engine, channel, _drafter_config(config, client_index), event_log=log,
+                      event_tags=tags)
+    metrics.set_gauge_sources(free_slots=lambda: drafter.stats()["free_slots"],
+                              running=lambda: drafter.stats()["running"],
+                              queued=lambda: drafter.stats()["queued"])
+    await drafter.start()
+    app = http_api.create_app(drafter, tokenizer, model_name=name, api_keys=api_keys,
+                              metrics=metrics)
+    server = await http_api.serve(app, http_host, http_port, port_file=http_port_file)
+    _log.info("edge %d serving the OpenAI API at http://%s:%d/v1 (model %r) and the chat page "
+              "at http://%s:%d/", client_index, http_host, server.port, name, http_host,
+              server.port)
+    if on_ready is not None:
+      on_ready(server.port)
+    stop = stop or _stop_on_signals()
+    try:
+      await stop.wait()
+    finally:
+      _log.info("edge %d: stopping the HTTP API", client_index)
+      await server.shutdown()
+      await drafter.stop()
+      log.close()
+
+
+def served_model_name(config: ServingConfig) -> str:
+  """The model id the HTTP API serves: the config's name and the target folder's."""
+  target = os.path.basename(os.path.normpath(config.models.target))
+  return f"{config.name}-{target}" if config.name else target
+
+
+def _stop_on_signals() -> asyncio.Event:
+  stop = asyncio.Event()
+  loop = asyncio.get_running_loop()
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    loop.add_signal_handler(sig, stop.set)
+  return stop
 
 
 def run_server_only(config: ServingConfig, kind: str, *, events_path: str | None = None,

@@ -153,6 +153,22 @@ def read_token_file(path: str, what: str = "token file (--auth_token_file)") -> 
   return token
 
 
+def read_api_keys_file(path: str, what: str = "API keys file (--http_api_keys_file)"
+                       ) -> frozenset[str]:
+  """The HTTP API's keys: one per line; blank lines and lines starting with '#' are skipped."""
+  try:
+    text = _read(path, what).decode("ascii")
+  except UnicodeDecodeError:
+    raise SecurityConfigError(f"{what}: {path!r} is not ASCII text") from None
+  keys = [line.strip() for line in text.splitlines()]
+  keys = [key for key in keys if key and not key.startswith("#")]
+  if not keys:
+    raise SecurityConfigError(f"{what}: {path!r} holds no key")
+  for number, key in enumerate(keys, 1):
+    _check_token(key, f"{what} {path!r}, key {number}")
+  return frozenset(keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSecurity:
   """The verifier's transport security. Every named file is read and checked on construction.

@@ -410,6 +410,16 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   def _free_slots(self) -> int:
     return self._limits.num_slots - len(self.sessions) - self._opens_in_flight - self._admitted
 
+  @property
+  def free_slots(self) -> int:
+    """Server slots no session holds, is opening or was promised (a metrics gauge)."""
+    return self._free_slots()
+
+  @property
+  def admission_queue_length(self) -> int:
+    """Opens waiting in the admission queue for a slot (a metrics gauge)."""
+    return len(self._admission)
+
   async def _admit(self) -> bool:
     """Returns once this open may take a slot: at once (False) when one is free and nobody
     queues before it; else (True) after waiting its turn (FIFO) in the bounded queue, woken

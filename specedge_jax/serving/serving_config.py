@@ -109,8 +109,15 @@ class EdgeConfig:
   rpc_timeout_s: float = 120.0
   verify_retries: int = 3
   reconnect_give_up_s: float = 60.0
+  # The HTTP API (launch/drafter.py --http_port): requests beyond the K running wait in a queue
+  # this long (first come first served); past it they get 429. An open that finds no verifier
+  # gives up after open_give_up_s (the HTTP API then answers 503).
+  max_queued_requests: int = 8
+  open_give_up_s: float = 300.0
 
   def __post_init__(self):
+    if self.max_queued_requests < 0 or not self.open_give_up_s > 0:
+      raise ValueError("edge.max_queued_requests must be >= 0 and edge.open_give_up_s > 0")
     if not (self.rpc_timeout_s > 0 and self.reconnect_give_up_s >= 0 and self.verify_retries >= 0):
       raise ValueError("edge.rpc_timeout_s must be > 0, edge.reconnect_give_up_s and "
                        "edge.verify_retries >= 0")
