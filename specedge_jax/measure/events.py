@@ -17,7 +17,8 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
                   (one per verification round or decode step of a request, plus one 'prefill'
                   step for the first token; `t` is when the tokens reached the client)
   request_end     request_id, client_id, n_generated, output_tokens, finished_reason
-                  ('eos' | 'length' | 'error'); an edge adds error (the message, or null)
+                  ('eos' | 'length' | 'error' | 'cancelled': its user went away, e.g. an HTTP
+                  client that disconnected); an edge adds error (the message, or null)
   server_batch    t_start, t_end, op, batch_size, tokens (tree/decode/prefill tokens in the
                   forward), forward_time_s, queue_time_s (mean wait of the batch's requests
                   before the forward), request_ids; the verifier's 'prefill' adds

@@ -168,3 +168,20 @@ def write_report_plots(out_dir: str, runs: Sequence[Run], summaries: Sequence[Ru
     written.append(plot_server_timeline(
         run, os.path.join(out_dir, f"server_timeline_{file_safe(run.name)}.png")))
   return written
+
+
+def plot_client_vs_report(comparison: Mapping[str, Mapping[str, float | None]], path: str) -> str:
+  """Bars of the latency figures (`*_s` keys) as the HTTP client and as the report saw them
+  (`bench/http_client.compare_with_report`)."""
+  names = [n for n in comparison if n.endswith("_s")]
+  x = np.arange(len(names))
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  for offset, side in ((-0.2, "client"), (0.2, "report")):
+    values = [1000.0 * (comparison[n][side] or 0.0) for n in names]
+    ax.bar(x + offset, values, width=0.4,
+           label="openai client" if side == "client" else "launch.report (edge events)")
+  ax.set_xticks(x, [n.removesuffix("_s") for n in names])
+  ax.set_ylabel("ms")
+  ax.set_title("Latency seen by the HTTP client vs the report")
+  ax.legend()
+  return _save(fig, path)
