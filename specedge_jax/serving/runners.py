@@ -77,8 +77,10 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                          on_ready: Callable[[int], None] | None = None,
                          security: security_lib.ServerSecurity | None = None,
                          metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
-                         on_metrics_ready: Callable[[int], None] | None = None) -> None:
-  """Loads the target, serves until SIGINT/SIGTERM, then shuts down gracefully.
+                         on_metrics_ready: Callable[[int], None] | None = None,
+                         stop: asyncio.Event | None = None) -> None:
+  """Loads the target, serves until SIGINT/SIGTERM (or `stop` is set), then shuts down
+  gracefully.
 
   `security` None serves plaintext without authentication (the old behaviour); the launcher
   always passes one. `metrics_port` (0: any free port) serves Prometheus metrics over HTTP."""
@@ -128,7 +130,7 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
       on_metrics_ready(metrics_bound)
   if on_ready is not None:
     on_ready(bound)
-  stop = _stop_on_signals()
+  stop = stop or _stop_on_signals()
   await stop.wait()
   _log.info("verifier draining: no new sessions, up to %.1f s for the open ones",
             config.server.drain_s)

@@ -40,8 +40,9 @@ CHAT = [{"role": "user", "content": "Tell me a story about a cat."}]
 def stack(tmp_path_factory):
   # K=2 interleaved requests on the edge and a queue of 2: four fit, the fifth is refused.
   config = embedded_config(requests_per_drafter=2, max_queued_requests=2)
-  events = tmp_path_factory.mktemp("edge") / "edge.jsonl"
-  with LiveStack(config, events_path=str(events)) as live:
+  folder = tmp_path_factory.mktemp("events")
+  with LiveStack(config, events_path=str(folder / "edge.jsonl"),
+                 verifier_events_path=str(folder / "verifier.jsonl")) as live:
     yield live
 
 
@@ -206,6 +207,15 @@ def test_metrics_parse_and_agree_with_the_edge_events(stack, model_name):
   assert samples[("specedge_edge_requests_started_total", ())] == started
   assert samples[("specedge_edge_ttft_seconds_count", ())] == started
   assert samples[("specedge_edge_requests_running", ())] == 0
+  # The verifier's own /metrics against its own events.
+  server = stack.verifier_metrics()
+  batches = [e for e in events_lib.read_events([stack.verifier_events_path])
+             if e["kind"] == "server_batch" and e["op"] == "verify"]
+  assert server[("specedge_verifier_verify_batches_total", ())] == len(batches)
+  assert server[("specedge_verifier_tree_tokens_total", ())] == sum(e["tokens"] for e in batches)
+  assert server[("specedge_verifier_accepted_tokens_total", ())] == sum(
+      sum(e["accepted_depths"]) for e in batches)
+  assert server[("specedge_verifier_free_slots", ())] == stack.config.server.num_slots
 
 
 def test_the_chat_page_streams_the_target_greedy_answer_in_a_real_browser(stack, tmp_path):
