@@ -7,10 +7,12 @@ prompts, and writes a results folder:
   <out_dir>/<point>/            one folder per grid point: config.json, every event log and
                                 child log of the runs made there (`GridPoint.name`, for example
                                 c2-b4-t8-rtt14)
-  <out_dir>/report.json         the grid, which run serves each (system, point), and each run's
-                                `metrics.summarize` summary
-  <out_dir>/*.png               throughput and ITL against clients (a line per system), ITL CDF,
-                                accepted-length histogram, a busy timeline per run
+  <out_dir>/report.json         the grid, which run serves each (system, point), each run's
+                                `metrics.summarize` summary (our definitions) and its
+                                `reference_metrics.summarize_run` summary (the reference's, per
+                                system kind), and the legend of both ("definitions")
+  <out_dir>/*.png               throughput (both definitions) and ITL against clients (a line per
+                                system), ITL CDF, accepted-length histogram, a busy timeline per run
 
 What a grid point means for each system:
 
@@ -43,12 +45,14 @@ import time
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from specedge_jax.engine import PROACTIVE_MODES
 from specedge_jax.measure import events as events_lib
 from specedge_jax.measure import metrics, plots
+from specedge_jax.measure import reference_metrics as ref_lib
 from specedge_jax.serving import local, processes
 from specedge_jax.serving.baselines import SYSTEM_NAMES
 from specedge_jax.serving.serving_config import ServingConfig
@@ -202,6 +206,7 @@ class SweepRow:
   point: GridPoint
   summary: metrics.RunSummary
   same_tokens_as_ar: bool | None  # greedy only: equal to the AR baseline at this point
+  reference: ref_lib.ReferenceSummary | None = None  # the reference's definitions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +321,7 @@ def _summarize_and_write(options: SweepOptions, planned: Sequence[PlannedRun],
   """Reads the runs' logs; writes report.json and the plots; returns the rows."""
   events = read_run_events(run_paths)
   runs, summaries = metrics.summarize_events(events)
+  ref_summaries = ref_lib.summarize_events(events)
   by_name = {s.run: s for s in summaries}
   outputs = _outputs(events)
   ar_system = SYSTEM_NAMES["autoregressive"]
@@ -328,9 +334,9 @@ def _summarize_and_write(options: SweepOptions, planned: Sequence[PlannedRun],
       reference = serving.get((ar_system, point))
       if greedy and reference is not None and system != ar_system:
         same = outputs.get(name) == outputs.get(reference)
-      rows.append(SweepRow(system, point, by_name[name], same))
-  written = [write_report(options, planned, run_paths, rows, summaries)]
-  written += write_plots(options, rows, runs, summaries)
+      rows.append(SweepRow(system, point, by_name[name], same, ref_summaries.get(name)))
+  written = [write_report(options, planned, run_paths, rows, summaries, ref_summaries)]
+  written += write_plots(options, rows, runs, summaries, ref_summaries)
   return SweepResult(rows=rows, runs=runs, summaries=summaries, written=written,
                      out_dir=options.out_dir)
 
@@ -372,8 +378,10 @@ def replot(out_dir: str, console: Console | None = None) -> SweepResult:
 
 def write_report(options: SweepOptions, planned: Sequence[PlannedRun],
                  run_paths: Mapping[str, Sequence[str]], rows: Sequence[SweepRow],
-                 summaries: Sequence[metrics.RunSummary]) -> str:
+                 summaries: Sequence[metrics.RunSummary],
+                 reference: Mapping[str, ref_lib.ReferenceSummary] | None = None) -> str:
   by_name = {s.run: s for s in summaries}
+  reference = reference or {}
   report = {
       "grid": {"clients": list(options.clients), "batch_sizes": list(options.batch_sizes),
                "budgets": list(options.budgets), "rtt_ms": list(options.rtt_ms),
@@ -387,8 +395,12 @@ def write_report(options: SweepOptions, planned: Sequence[PlannedRun],
                           "event_files": [os.path.relpath(p, options.out_dir)
                                           for p in run_paths[run.name]],
                           "config": run.config.to_dict(),
-                          "summary": by_name[run.name].to_dict()}
+                          "summary": by_name[run.name].to_dict(),
+                          "reference": (reference[run.name].to_dict()
+                                        if run.name in reference else None)}
                for run in planned},
+      # What "summary" (ours) and "reference" (kaist-ina/specedge src/metric/*.py) mean.
+      "definitions": {name: list(lines) for name, lines in ref_lib.LEGEND.items()},
   }
   path = os.path.join(options.out_dir, "report.json")
   with open(path, "w") as f:
@@ -411,7 +423,8 @@ def _line_label(row: SweepRow, options: SweepOptions) -> str:
 
 
 def write_plots(options: SweepOptions, rows: Sequence[SweepRow], runs: Sequence[metrics.Run],
-                summaries: Sequence[metrics.RunSummary]) -> list[str]:
+                summaries: Sequence[metrics.RunSummary],
+                reference: Mapping[str, ref_lib.ReferenceSummary] | None = None) -> list[str]:
   """The PNGs of the results folder (drawn by `plots.py`)."""
   # The against-clients plots read `system` for the line and `n_clients` for x. A baseline's
   # summary counts one client (the server); here x is the grid's client count, whose users it
@@ -421,8 +434,10 @@ def write_plots(options: SweepOptions, rows: Sequence[SweepRow], runs: Sequence[
     label = _line_label(row, options)
     points.setdefault((label, row.point.clients), dataclasses.replace(
         row.summary, system=label, n_clients=row.point.clients))
+  # The replaced summaries keep their run names, by which `reference` is keyed.
   return plots.write_report_plots(options.out_dir, runs, summaries,
-                                  line_summaries=list(points.values()))
+                                  line_summaries=list(points.values()),
+                                  reference=dict(reference or {}))
 
 
 def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
@@ -430,21 +445,28 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def sweep_table(rows: Sequence[SweepRow]) -> Table:
-  """One row per (system, grid point)."""
-  table = Table(title="Sweep")
+  """One row per (system, grid point); the caption is the legend of both definitions."""
+  # Escaped: rich would read '[ours]' and '[ref]' as markup tags and drop them.
+  table = Table(title="Sweep", caption=escape("\n".join(ref_lib.legend(ref_lib.DEFINITION_SETS))),
+                caption_justify="left")
   for column in ("system", "clients", "batch", "budget", "RTT ms", "proactive", "tokens",
-                 "wall s", "tok/s wall", "tok/s server", "ITL mean ms", "ITL p50 / p99 ms",
-                 "TTFT mean ms", "tok/step", "hit %", "server util %", "= AR tokens"):
-    table.add_column(column, justify="left" if column == "system" else "right")
+                 "wall s", "tok/s wall", "tok/s server [ours]", "tok/s [ref]",
+                 "ITL mean ms [ours]", "ITL p50 / p99 ms [ours]", "ITL ms/tok [ref]",
+                 "TTFT mean ms", "tok/step [ours]", "tok/step [ref]", "hit %",
+                 "server util %", "= AR tokens"):
+    table.add_column(escape(column), justify="left" if column == "system" else "right")
   for row in rows:
-    s, m = row.summary, row.summary.requests
+    s, m, r = row.summary, row.summary.requests, row.reference
     table.add_row(
         row.system, str(row.point.clients), str(row.point.batch_size), str(row.point.budget),
         f"{row.point.rtt_ms:g}", row.point.proactive if row.system == SPECEDGE else "-",
         str(s.generated_tokens), _fmt(s.wall_time_s, digits=2),
         _fmt(s.throughput_per_wall_s), _fmt(s.throughput_per_compute_s),
+        _fmt(r.throughput_tok_s if r else None),
         _fmt(m.itl.mean_s, 1e3, 2), f"{_fmt(m.itl.p50_s, 1e3, 2)} / {_fmt(m.itl.p99_s, 1e3, 2)}",
+        _fmt(r.itl_s if r else None, 1e3, 2),
         _fmt(m.ttft.mean_s, 1e3), _fmt(m.mean_tokens_per_step, digits=2),
+        _fmt(r.tokens_per_step.mean if r else None, digits=2),
         _fmt(m.proactive_hit_rate, 100), _fmt(s.server_utilization, 100),
         "-" if row.same_tokens_as_ar is None else ("yes" if row.same_tokens_as_ar else "NO"))
   return table

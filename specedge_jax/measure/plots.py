@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from specedge_jax.measure.metrics import Run, RunSummary  # noqa: E402
+from specedge_jax.measure.reference_metrics import ReferenceSummary  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
@@ -43,22 +44,33 @@ def _clients_axis(ax, summaries: Sequence[RunSummary]) -> None:
   ax.grid(alpha=0.3)
 
 
-def plot_throughput_vs_clients(summaries: Sequence[RunSummary], path: str) -> str:
+def plot_throughput_vs_clients(summaries: Sequence[RunSummary], path: str,
+                               reference: Mapping[str, ReferenceSummary] | None = None) -> str:
   """Generated tokens per second against the number of clients, a line per system: per
-  wall-clock second (left) and per second of server compute (right; SpecEdge's server
-  throughput, which counts only the time the server GPU is busy)."""
-  fig, (wall_ax, server_ax) = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, attribute, label in (
-      (wall_ax, "throughput_per_wall_s", "throughput (tokens / s, wall)"),
-      (server_ax, "throughput_per_compute_s", "server throughput (tokens / s of server compute)")):
+  wall-clock second (left) and per second of server compute (middle; SpecEdge's server
+  throughput, which counts only the time the server GPU is busy), both our definitions. With
+  `reference` (run name -> its `reference_metrics` summary) a third panel draws the reference's
+  throughput, each system by its own script's definition."""
+  panels = [("throughput_per_wall_s", "[ours] tokens / s of wall time"),
+            ("throughput_per_compute_s", "[ours] tokens / s of summed server forward time")]
+  if reference is not None:
+    panels.append(("reference", ("[ref] SpecEdge: tokens / server log span;\n"
+                                 "server-only: non-prefill tokens / non-prefill iteration time")))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+  for ax, (attribute, label) in zip(axes, panels):
     for system, runs in _by_system(summaries).items():
-      points = [(s.n_clients, getattr(s, attribute)) for s in runs
-                if getattr(s, attribute) is not None]
+      if attribute == "reference":
+        values = [(s.n_clients, reference[s.run].throughput_tok_s if s.run in reference
+                   else None) for s in runs]
+      else:
+        values = [(s.n_clients, getattr(s, attribute)) for s in runs]
+      points = [(x, y) for x, y in values if y is not None]
       if points:
         ax.plot(*zip(*points), marker="o", label=system)
-    ax.set_ylabel(label)
+    ax.set_ylabel("throughput (tokens / s)")
+    ax.set_title(label, fontsize="small")
     _clients_axis(ax, summaries)
-  wall_ax.legend(fontsize="small")
+  axes[0].legend(fontsize="small")
   return _save(fig, path)
 
 
@@ -152,13 +164,16 @@ def file_safe(name: str) -> str:
 
 
 def write_report_plots(out_dir: str, runs: Sequence[Run], summaries: Sequence[RunSummary],
-                       line_summaries: Sequence[RunSummary] | None = None) -> list[str]:
+                       line_summaries: Sequence[RunSummary] | None = None,
+                       reference: Mapping[str, ReferenceSummary] | None = None) -> list[str]:
   """Every PNG of a results folder, in this order: throughput and ITL against clients (a line per
-  `system` of `line_summaries`, which default to `summaries`), the ITL CDF of `runs`, the
+  `system` of `line_summaries`, which default to `summaries`; the throughput under the
+  reference's definitions too when `reference` is given), the ITL CDF of `runs`, the
   accepted-length histogram of `summaries`, and one busy timeline per run. Returns the paths."""
   lines = summaries if line_summaries is None else line_summaries
   written = [
-      plot_throughput_vs_clients(lines, os.path.join(out_dir, "throughput_vs_clients.png")),
+      plot_throughput_vs_clients(lines, os.path.join(out_dir, "throughput_vs_clients.png"),
+                                 reference),
       plot_itl_vs_clients(lines, os.path.join(out_dir, "itl_vs_clients.png")),
       plot_itl_cdf(runs, os.path.join(out_dir, "itl_cdf.png")),
       plot_accepted_length_histogram(summaries,
