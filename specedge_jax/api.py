@@ -266,6 +266,12 @@ class TargetEngineProtocol(Protocol):
     the slot. The request then continues exactly as the earlier session would have."""
     ...
 
+  def open_speculative(self, prompt_ids: Sequence[int], sampling: SamplingParams, seed: int,
+                       max_new_tokens: int) -> int:
+    """Opens a request whose first round is speculative: prefills prompt[:-1]; prompt[-1] roots
+    the first tree, and the first `verify` emits the first tokens. Returns the slot."""
+    ...
+
   def close(self, slot: int) -> None:
     """Frees the slot; KeyError if no session is open there."""
     ...

@@ -8,8 +8,9 @@ reads one after an open; `TargetEngine.open_from_prefill` copies it into a fresh
 prefills the last prompt token alone, whose logits give the first token exactly as `open` samples
 it. The verifier keeps the snapshots in its LRU (`serving/engine_worker.py`), keyed by prompt ids.
 
-This module owns the snapshot format and the jitted row copies; it never opens a session (the
-engine does, through its one `_open_slot`).
+This module owns the snapshot format (and its host arrays, `to_arrays` / `from_arrays`, which the
+verifier's on-disk store keeps: `serving/prefill_store.py`) and the jitted row copies; it never
+opens a session (the engine does, through its one `_open_slot`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,29 @@ class PrefillSnapshot:
 
   def nbytes(self) -> int:
     return self.k.size * self.k.dtype.itemsize * 2
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """The host arrays that, with `prompt_ids`, are the whole snapshot (for a store on disk)."""
+    return {"k": self.k, "v": self.v}
+
+  @classmethod
+  def from_arrays(cls, prompt_ids, arrays: dict[str, np.ndarray]) -> PrefillSnapshot:
+    """Inverse of `to_arrays`; ValueError unless the arrays are a snapshot of `prompt_ids`.
+
+    Only the layout is checked here; whether the rows fit an engine's cache is
+    `check_snapshot_fits`, at restore time, as for a snapshot made in this process.
+    """
+    prompt_ids = tuple(int(t) for t in prompt_ids)
+    if set(arrays) != {"k", "v"}:
+      raise ValueError(f"a prefill snapshot has arrays k and v, got {sorted(arrays)}")
+    k, v = np.asarray(arrays["k"]), np.asarray(arrays["v"])
+    if k.ndim != 4 or k.shape != v.shape or k.dtype != v.dtype:
+      raise ValueError(f"snapshot k {k.shape} {k.dtype} and v {v.shape} {v.dtype} must be equal "
+                       "[L, S, K, H] arrays")
+    if not len(prompt_ids) - 1 <= k.shape[1]:
+      raise ValueError(f"snapshot has {k.shape[1]} rows; a {len(prompt_ids)}-token prompt needs "
+                       f"{len(prompt_ids) - 1}")
+    return cls(prompt_ids=prompt_ids, k=k, v=v)
 
 
 def _bucket(rows: int) -> int:

@@ -105,9 +105,10 @@ class TargetEngine:
                        f"(max_new_tokens {max_new_tokens}), got {generated.size}")
     if np.any((generated < 0) | (generated >= self.vocab_size)):
       raise ValueError(f"generated tokens must be in the vocabulary [0, {self.vocab_size})")
-    if not 0 <= rounds < generated.size:  # the first token, then >= 1 token per round
+    # The first token (or a speculative first round), then >= 1 token per round.
+    if not 0 <= rounds <= generated.size:
       raise ValueError(f"{generated.size} generated tokens come from at most "
-                       f"{generated.size - 1} verify rounds, got {rounds}")
+                       f"{generated.size} verify rounds, got {rounds}")
     if self.eos_token_ids & {int(t) for t in generated}:
       raise ValueError("a resumed request's generated tokens already hold an EOS token")
     known = np.concatenate([prompt, generated[:-1]])
@@ -120,6 +121,28 @@ class TargetEngine:
         prompt_ids=tuple(int(t) for t in prompt), prefix_len=int(known.size),
         root=int(generated[-1]), sampling=sampling, seed=int(seed) & 0xFFFFFFFF, step=rounds + 1,
         generated=int(generated.size), max_new_tokens=max_new_tokens)
+    return slot
+
+  def open_speculative(self, prompt_ids: Sequence[int], sampling: SamplingParams, seed: int,
+                       max_new_tokens: int) -> int:
+    """Opens a request whose first round is speculative: prefills every prompt token but the
+    last, which is the root of the first tree (drafted on the edge meanwhile); nothing is
+    sampled here. The first `verify` then emits the first tokens, at PRNG step 1 as the first
+    round of any session. Returns the slot."""
+    prompt = self._checked_prompt(prompt_ids, max_new_tokens)
+    if prompt.size < 2:
+      raise ValueError("a speculative first round needs a prompt of at least 2 tokens (the last "
+                       "one roots the tree)")
+    known = prompt[:-1]
+    start = time.perf_counter()
+    slot, _ = self._fill_free_slot(
+        lambda cache, slot: prefill_lib.prefill(self.graphdef, self.state, cache, slot, known, 0,
+                                                self.chunk_sizes, self.clock))
+    self.last_forward_s = time.perf_counter() - start
+    self._sessions[slot] = _TargetSession(
+        prompt_ids=tuple(int(t) for t in prompt), prefix_len=int(known.size),
+        root=int(prompt[-1]), sampling=sampling, seed=int(seed) & 0xFFFFFFFF, step=1,
+        generated=0, max_new_tokens=max_new_tokens)
     return slot
 
   def export_prefill(self, slot: int) -> prefix_cache.PrefillSnapshot:

@@ -13,7 +13,9 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
                   nodes accepted, bonus excluded), proactive_hit (true/false, or null when
                   proactive drafting is off), phase ('prefill' | 'verify' | 'decode');
                   an edge's verify steps add server_queue_time_s, server_forward_time_s and
-                  server_batch_size (the verifier's timing of that round)
+                  server_batch_size (the verifier's timing of that round), and first_round
+                  (true on a speculative first round: the tree verified in the open itself,
+                  which then has no 'prefill' step)
                   (one per verification round or decode step of a request, plus one 'prefill'
                   step for the first token; `t` is when the tokens reached the client)
   request_end     request_id, client_id, n_generated, output_tokens, finished_reason

@@ -80,6 +80,9 @@ class DrafterConfig:
 
   client_id: str = "edge0"
   max_concurrent_requests: int = 2  # K: requests interleaved on this edge
+  # The reference's first round: the edge drafts on the prompt before opening, and the server
+  # prefills and verifies that tree in the open (prompt_ids requests of >= 2 tokens).
+  speculative_first_round: bool = False
   # `submit`: requests beyond the K running wait, first come first served, in a queue of this
   # many places; past it `submit` raises QueueFull (the HTTP API answers 429).
   max_queued_requests: int = 16
@@ -142,6 +145,7 @@ class RoundUpdate:
   """What one round of a request gave its user (`Drafter.submit` streams these).
 
   Round 0 is the first token (the server's prefill); rounds 1, 2, ... are verification rounds.
+  With a speculative first round there is no round 0: round 1 brings the first tokens.
   A request that fails ends with an update of no tokens, finish_reason 'error', the message and
   the gRPC status name of the failure (`error_code`, '' when it did not come from the server).
   """
@@ -500,7 +504,8 @@ class Drafter:
       await self.stop()
 
   async def _open_session(self, request: EdgeRequest, seed: int,
-                          resume: RequestOutput | None = None, prompt_ids: Sequence[int] = ()):
+                          resume: RequestOutput | None = None, prompt_ids: Sequence[int] = (),
+                          first_tree: api.DraftTree | None = None):
     """Opens the request's server session, retrying with backoff while the server is full or
     unreachable. With `resume` (the request's output so far), a new session continues it."""
     config = self.config
@@ -512,6 +517,9 @@ class Drafter:
         seed=seed, max_new_tokens=request.max_new_tokens or config.max_new_tokens,
         client_id=config.client_id, request_id=request.request_id)
     give_up_s = config.open_give_up_s
+    if first_tree is not None:
+      message.first_tree.tokens[:] = np.asarray(first_tree.tokens)[1:].tolist()
+      message.first_tree.parents[:] = np.asarray(first_tree.parents)[1:].tolist()
     if resume is not None:
       message.ClearField("prompt_text")  # the server's own tokenization, from the first session
       message.prompt_token_ids[:] = list(prompt_ids)
@@ -543,6 +551,18 @@ class Drafter:
           delay = min(int(hint) / 1000.0, config.open_retry_max_s * 4)
       await asyncio.sleep(delay * random.uniform(0.5, 1.0))
       delay = min(2 * delay, config.open_retry_max_s)
+
+  async def _open_draft(self, prompt_ids: Sequence[int], root: int) -> int:
+    """Prefills the draft model on the edge device; returns the draft slot. A cancelled caller
+    still gets the slot freed: the device opens it all the same, so it is closed after."""
+    job = self._edge.submit(self.engine.open, prompt_ids, root, op="prefill")
+    try:
+      return await asyncio.shield(job.future)
+    except asyncio.CancelledError:
+      with contextlib.suppress(Exception):
+        slot = await job.future
+        await self._edge.run(self.engine.close, slot, op="close")
+      raise
 
   def _reclaim_later(self, message: specedge_pb2.OpenSessionRequest) -> None:
     """Frees the session an open may have made on the server although its caller went away
@@ -576,35 +596,68 @@ class Drafter:
     draft_slot: int | None = None
     started_logged = False
     try:
-      opened = await self._open_session(request, seed)
-      session_id = opened.session_id
-      prompt_ids = tuple(request.prompt_ids) or tuple(opened.prompt_token_ids)
-      output.prompt_tokens = opened.prompt_tokens
-      self._emit("request_start", t=t_submit, request_id=request.request_id,
-                 prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
-                 category=request.category)
-      started_logged = True
-      output.tokens.append(opened.first_token)
-      self._emit("request_step", request_id=request.request_id, n_tokens=1, draft_time_s=0.0,
-                 wait_time_s=time.time() - t_submit, tree_size=0, accepted_depth=None,
-                 proactive_hit=None, phase="prefill")
-      self._stream([opened.first_token], opened.finished, request.request_id)
-      report(RoundUpdate(tokens=(opened.first_token,), round=0, finished=opened.finished,
-                         finish_reason=(opened.finish_reason or "length") if opened.finished
-                         else ""))
-      finished, reason = opened.finished, opened.finish_reason
-      root = opened.first_token
+      if self.config.speculative_first_round and len(request.prompt_ids) >= 2:
+        # The reference's first round: draft on prompt[:-1] rooted at the last prompt token, and
+        # let the server prefill and verify that tree in the open itself.
+        prompt_ids = tuple(request.prompt_ids)
+        slot = draft_slot = await self._open_draft(prompt_ids[:-1], prompt_ids[-1])
+        draft_job = self._edge.submit(self.engine.draft, slot, op="draft")
+        tree = await draft_job.future
+        sent = time.time()
+        opened = await self._open_session(request, seed, first_tree=tree)
+        wait_time = time.time() - sent
+        session_id = opened.session_id
+        output.prompt_tokens = opened.prompt_tokens
+        self._emit("request_start", t=t_submit, request_id=request.request_id,
+                   prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
+                   category=request.category)
+        started_logged = True
+        first = opened.first_round
+        result = VerifyResult(accepted=list(first.accepted_tokens), bonus=int(first.bonus_token),
+                              emitted=list(first.emitted_tokens), finished=bool(first.finished))
+        hit = await self._edge.run(self.engine.commit, slot, result, op="commit")
+        output.steps = 1
+        output.tokens.extend(first.emitted_tokens)
+        output.accepted_depths.append(len(first.accepted_tokens))
+        if hit is not None:
+          output.proactive_hits.append(bool(hit))
+        tree_size = int(np.asarray(tree.tokens).size - 1)
+        self._emit("request_step", request_id=request.request_id,
+                   n_tokens=len(first.emitted_tokens), phase="verify", first_round=True,
+                   draft_time_s=draft_job.duration_s, wait_time_s=wait_time, tree_size=tree_size,
+                   accepted_depth=len(first.accepted_tokens),
+                   proactive_hit=None if hit is None else bool(hit),
+                   server_queue_time_s=first.timing.queue_time_s,
+                   server_forward_time_s=first.timing.forward_time_s,
+                   server_batch_size=first.timing.batch_size)
+        self._stream(list(first.emitted_tokens), first.finished, request.request_id)
+        finished, reason, root = first.finished, first.finish_reason, first.bonus_token
+        report(RoundUpdate(tokens=tuple(first.emitted_tokens), round=1,
+                           accepted=len(first.accepted_tokens), tree_size=tree_size,
+                           finished=finished,
+                           finish_reason=(reason or "length") if finished else ""))
+      else:
+        opened = await self._open_session(request, seed)
+        session_id = opened.session_id
+        prompt_ids = tuple(request.prompt_ids) or tuple(opened.prompt_token_ids)
+        output.prompt_tokens = opened.prompt_tokens
+        self._emit("request_start", t=t_submit, request_id=request.request_id,
+                   prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
+                   category=request.category)
+        started_logged = True
+        output.tokens.append(opened.first_token)
+        self._emit("request_step", request_id=request.request_id, n_tokens=1, draft_time_s=0.0,
+                   wait_time_s=time.time() - t_submit, tree_size=0, accepted_depth=None,
+                   proactive_hit=None, phase="prefill")
+        self._stream([opened.first_token], opened.finished, request.request_id)
+        report(RoundUpdate(tokens=(opened.first_token,), round=0, finished=opened.finished,
+                           finish_reason=(opened.finish_reason or "length") if opened.finished
+                           else ""))
+        finished, reason = opened.finished, opened.finish_reason
+        root = opened.first_token
+        if not finished:
+          slot = draft_slot = await self._open_draft(prompt_ids, opened.first_token)
       if not finished:
-        open_job = self._edge.submit(self.engine.open, prompt_ids, opened.first_token,
-                                     op="prefill")
-        try:
-          slot: int = await asyncio.shield(open_job.future)
-        except asyncio.CancelledError:
-          # The device opens the slot all the same: wait for it, so that `finally` frees it.
-          with contextlib.suppress(Exception):
-            draft_slot = await open_job.future
-          raise
-        draft_slot = slot
         while not finished:
           try:
             if self.config.interleave:

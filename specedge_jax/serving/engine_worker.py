@@ -80,6 +80,8 @@ class _OpenJob(_Job):
   max_new_tokens: int = 1
   resume_tokens: tuple[int, ...] = ()  # non-empty: re-open a request an earlier session served
   resume_rounds: int = 0
+  # A speculative first round: prefill prompt[:-1]; prompt[-1] roots the tree verified next.
+  speculative: bool = False
 
 
 @dataclasses.dataclass
@@ -255,8 +257,13 @@ class EngineWorker:
   def _open(self, job: _OpenJob) -> OpenResult:
     started = time.time()
     snapshot = (self._prefill_cache.get(job.prompt_ids)
-                if self._prefill_cache is not None and not job.resume_tokens else None)
-    if job.resume_tokens:
+                if self._prefill_cache is not None and not job.resume_tokens
+                and not job.speculative else None)
+    if job.speculative:
+      slot = self._engine.open_speculative(job.prompt_ids, job.sampling, job.seed,
+                                           job.max_new_tokens)
+      first_token, finished = job.prompt_ids[-1], False
+    elif job.resume_tokens:
       slot = self._engine.open_resumed(job.prompt_ids, job.resume_tokens, job.resume_rounds,
                                        job.sampling, job.seed, job.max_new_tokens)
       first_token, finished = job.resume_tokens[-1], False
@@ -277,7 +284,8 @@ class EngineWorker:
     if self._events is not None:
       self._events.emit("server_batch", t_start=started, t_end=ended, op="prefill", batch_size=1,
                         tokens=0 if snapshot is not None else
-                        len(job.prompt_ids) + max(len(job.resume_tokens) - 1, 0),
+                        len(job.prompt_ids) + max(len(job.resume_tokens) - 1, 0)
+                        - int(job.speculative),
                         forward_time_s=ended - started, queue_time_s=started - job.enqueued_at,
                         request_ids=[job.request_id], prefill_cache_hit=snapshot is not None)
     return OpenResult(slot=int(slot), first_token=int(first_token), finished=bool(finished),

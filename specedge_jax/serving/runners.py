@@ -18,10 +18,11 @@ from typing import Any, Callable
 
 import grpc
 
-from specedge_jax.engine import DraftEngine, TargetEngine
+from specedge_jax.engine import DraftEngine, TargetEngine, prefix_cache
 from specedge_jax.measure.events import EventLog
 from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
+from specedge_jax.serving import prefill_store
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving import workload
 from specedge_jax.serving.serving_config import ServingConfig
@@ -41,8 +42,12 @@ def event_log(path: str | None, system: str) -> EventLog | None:
   return EventLog(path, system) if path else None
 
 
-def build_target_engine(config: ServingConfig, model=None) -> TargetEngine:
-  """The verifier's engine, warmed up (every batch bucket, prefill chunk and snapshot copy)."""
+def build_target_engine(config: ServingConfig, model=None, *,
+                        decode: bool = True) -> TargetEngine:
+  """The verifier's engine, warmed up (every batch bucket, prefill chunk and snapshot copy).
+
+  `decode` False skips the decode programs (a third of the warm-up), which only the
+  autoregressive baseline runs; a SpecEdge verifier only verifies."""
   # The "... loaded in" / "... warmed up in" lines mark start-up phases (bench/startup.py).
   start = time.perf_counter()
   model = model or load_model(config.models.target, config.models.dtype)
@@ -52,7 +57,7 @@ def build_target_engine(config: ServingConfig, model=None) -> TargetEngine:
   engine = TargetEngine(model, num_slots=server.num_slots, max_len=server.max_len,
                         max_tree_nodes=config.max_tree_nodes,
                         max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk)
-  engine.warmup(prefill_snapshots=server.prefill_cache_entries > 0)
+  engine.warmup(decode=decode, prefill_snapshots=server.prefill_cache_entries > 0)
   _log.info("target engine warmed up in %.2f s", time.perf_counter() - loaded)
   return engine
 
@@ -101,13 +106,25 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
     log.add_listener(metrics.observe)
   if log is not None and run_id:
     log = _Tagged(log, run_id=run_id)
+  prefill_entries, precomputed = config.server.prefill_cache_entries, None
+  if config.server.prefill_precompute:
+    kv_rows, device = engine.cache.k, next(iter(engine.cache.k.devices()))
+    precomputed = prefill_store.precompute_for_serving(
+        config, engine, prefix_cache.PrefillSnapshot, tokenizer=tokenizer,
+        dtype=f"params {config.models.dtype or 'as stored'}, kv cache {kv_rows.dtype}",
+        numerics=prefill_store.numerics_tag(f"{device.platform} {device.device_kind}",
+                                            f"prefill_chunk {config.server.prefill_chunk}"))
+    # Every precomputed prompt stays; prefill_cache_entries is the room left for the others.
+    prefill_entries += len(precomputed.snapshots)
   server = VerifierServer(engine, batching=config.server.batching, tokenizer=tokenizer,
-                          event_log=log, prefill_cache_entries=config.server.prefill_cache_entries,
+                          event_log=log, prefill_cache_entries=prefill_entries,
                           session_timeout_s=config.server.session_timeout_s,
                           max_sessions_per_client=config.server.max_sessions_per_client,
                           admission_queue=config.server.admission_queue,
                           admission_wait_s=config.server.admission_wait_s,
                           security=security)
+  if precomputed is not None and server.prefill_cache is not None:
+    precomputed.seed(server.prefill_cache)  # opens of these prompts take the cache's hit path
   bound = await server.start(f"{host}:{port}")
   _log.info("verifier serving on %s:%d (%s)", host, bound,
             security.describe() if security is not None else "plaintext, no authentication")
@@ -194,6 +211,7 @@ def _drafter_config(config: ServingConfig, client_index: int) -> DrafterConfig:
       proactive=config.proactive.enabled, max_new_tokens=config.workload.max_new_tokens,
       sampling=config.workload.sampling, seed=config.workload.seed,
       simulated_rtt_ms=edge.simulated_rtt_ms, open_give_up_s=edge.open_give_up_s,
+      speculative_first_round=edge.speculative_first_round,
       rpc_timeout_s=edge.rpc_timeout_s, verify_retries=edge.verify_retries,
       reconnect_give_up_s=edge.reconnect_give_up_s)
 
@@ -207,8 +225,7 @@ async def run_drafter(config: ServingConfig, server_address: str, *, client_inde
   `security` None connects in plaintext without a token (the old behaviour)."""
   if security is not None:
     security.require_allowed()  # a refused config fails before the model loads
-  num_clients = config.edge.num_drafters
-  requests = workload.shard(workload.load_requests(config), client_index, num_clients)
+  requests = workload.requests_for_client(config, client_index)  # by workload.mode
   engine = build_draft_engine(config)
   await wait_for_server(server_address, connect_timeout_s, security)
   log = event_log(events_path, "specedge")
@@ -295,7 +312,7 @@ def _stop_on_signals() -> asyncio.Event:
 def run_server_only(config: ServingConfig, kind: str, *, events_path: str | None = None,
                     run_id: str | None = None, on_progress=None) -> list[RequestOutput]:
   """The server-only baseline on the config's workload (all of it, on this process)."""
-  requests = workload.load_requests(config)
+  requests = workload.server_only_requests(config)  # the union of the drafters' requests
   target = build_target_engine(config)
   draft = None
   if kind == "speculative":

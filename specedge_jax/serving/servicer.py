@@ -267,9 +267,10 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                          f"{request.max_new_tokens} to generate")
     tokens = tuple(request.resume_tokens)
     self._check_vocabulary("resume_tokens", tokens)
-    if not 0 <= request.resume_rounds < count:
+    # The first token (or a speculative first round), then >= 1 token per round.
+    if not 0 <= request.resume_rounds <= count:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"resume_rounds must be in [0, {count - 1}] for {count} resume_tokens, "
+                         f"resume_rounds must be in [0, {count}] for {count} resume_tokens, "
                          f"got {request.resume_rounds}")
     return tokens
 
@@ -368,7 +369,20 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"client {_short(quota_key)} holds {held} sessions, its quota; close "
                            "one first")
+    speculative = request.HasField("first_tree")
+    if speculative and request.prompt_text:  # before tokenizing: the tree needs the edge's ids
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         "first_tree needs prompt_token_ids (the edge's tokenization), not "
+                         "prompt_text")
     prompt_ids, _ = await self._prompt_ids(request)
+    first_tree = None
+    if speculative:
+      if len(prompt_ids) < 2 or request.resume_tokens:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           "first_tree needs prompt_token_ids of at least 2 tokens (the last one "
+                           "roots the tree) and no resume_tokens")
+      first_tree = self._checked_tree(prompt_ids[-1], request.first_tree.tokens,
+                                      request.first_tree.parents)
     sampling = self._sampling(request)
     if not 0 <= request.seed <= _MAX_SEED:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"seed must be >= 0, got {request.seed}")
@@ -384,28 +398,60 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     job = _OpenJob(future=self._new_future(), request_id=request_id, prompt_ids=prompt_ids,
                    sampling=sampling, seed=int(request.seed),
                    max_new_tokens=int(request.max_new_tokens), resume_tokens=resume,
-                   resume_rounds=int(request.resume_rounds))
+                   resume_rounds=int(request.resume_rounds), speculative=first_tree is not None)
     self._opens_in_flight += 1
     self._opens_in_flight_by[quota_key] += 1
     if woken:  # the slot it was woken for is taken now
       self._admitted -= 1
+    # A retry of this open (its reply was lost) waits for the whole open, first round included.
+    whole_open = self._new_future()
     if key is not None:
-      self._opening[key] = job.future
+      self._opening[key] = whole_open
     state = _OpenState()
     job.future.add_done_callback(
         lambda future: self._open_done(job, request, state, caller, quota_key, key))
     try:
       await self._run_job(job)
+      session = state.session
+      if session is None or session.open_response is None:  # _open_done ran first: sets both
+        raise RuntimeError(f"request {request_id}: the open succeeded but no session was "
+                           "registered")
+      if first_tree is not None:
+        await self._first_round(session, first_tree)
+      whole_open.set_result(None)
+      return session.open_response
     except asyncio.CancelledError:
       # The caller is gone and will never learn the session id: free the slot once it exists.
       state.abandoned = True
       if state.session is not None:
         self._abandon(state.session)
       raise
-    session = state.session
-    if session is None or session.open_response is None:  # _open_done ran first: it sets both
-      raise RuntimeError(f"request {request_id}: the open succeeded but no session was registered")
-    return session.open_response
+    except BaseException as e:
+      whole_open.set_exception(e)
+      whole_open.exception()  # retrieved: a retry that awaits it opens anew
+      raise
+    finally:
+      if not whole_open.done():  # cancelled: a retry that waits for it opens anew
+        whole_open.set_exception(RuntimeError("the open was abandoned"))
+        whole_open.exception()
+      if key is not None and self._opening.get(key) is whole_open:
+        del self._opening[key]
+
+  async def _first_round(self, session: _Session, tree: DraftTree) -> None:
+    """Verifies an open's first tree as the session's step 0 and folds the answer into the
+    open's response (which a retried open replays). On failure the session is given up: its
+    client never learns its id."""
+    try:
+      round_ = await self._submit_verify(session, tree)
+    except BaseException:
+      self._abandon(session)
+      raise
+    response = session.open_response
+    if response is None:
+      raise RuntimeError("a speculative open without its response")
+    response.first_round.CopyFrom(round_)
+    response.finished, response.finish_reason = round_.finished, round_.finish_reason
+    session.opened_at_step = session.steps_applied  # a retried open is valid until step 1
 
   def _free_slots(self) -> int:
     return self._limits.num_slots - len(self.sessions) - self._opens_in_flight - self._admitted
@@ -488,8 +534,6 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   def _open_done(self, job: _OpenJob, request, state: _OpenState, caller: str,
                  quota_key: str, key: tuple | None) -> None:
     """Registers a successful open (on the loop, even if the RPC was cancelled meanwhile)."""
-    if key is not None:
-      self._opening.pop(key, None)
     self._opens_in_flight -= 1
     self._opens_in_flight_by[quota_key] -= 1
     if not self._opens_in_flight_by[quota_key]:
@@ -502,7 +546,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                        client_id=request.client_id, owner=caller, quota_key=quota_key,
                        prompt_tokens=len(job.prompt_ids),
                        max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
-                       finished=opened.finished, generated=max(1, len(job.resume_tokens)),
+                       finished=opened.finished,
+                       generated=0 if job.speculative else max(1, len(job.resume_tokens)),
                        steps_applied=job.resume_rounds)
     session.opened_at_step = session.steps_applied
     session.open_response = specedge_pb2.OpenSessionResponse(
@@ -552,20 +597,31 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if session.verify_in_flight:
       raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                          "a Verify for this session is already in flight")
-    if len(request.tokens) != len(request.parents):
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"tokens ({len(request.tokens)}) and parents ({len(request.parents)}) "
-                         "differ in length")
-    if len(request.tokens) + 1 > self._limits.max_tree_nodes:  # before copying them
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"tree has {len(request.tokens) + 1} nodes (root included); this "
-                         f"server verifies at most {self._limits.max_tree_nodes}")
-    tokens = np.asarray(request.tokens, np.int64)
-    parents = np.asarray(request.parents, np.int64)
     if not 0 <= request.root_token < self._limits.vocab_size:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                          f"root_token {request.root_token} is outside the vocabulary "
                          f"[0, {self._limits.vocab_size})")
+    tree = self._checked_tree(int(request.root_token), request.tokens, request.parents)
+    if request.root_token != session.last_token:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"root_token {request.root_token} is not the session's last token "
+                         f"{session.last_token}; the client is out of sync")
+    return await self._submit_verify(session, tree)
+
+  def _checked_tree(self, root: int, wire_tokens: Sequence[int],
+                    wire_parents: Sequence[int]) -> DraftTree:
+    """The tree of a Verify (or of an open's first round) from its wire fields, every field
+    checked; INVALID_ARGUMENT names what is wrong."""
+    if len(wire_tokens) != len(wire_parents):
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tokens ({len(wire_tokens)}) and parents ({len(wire_parents)}) "
+                         "differ in length")
+    if len(wire_tokens) + 1 > self._limits.max_tree_nodes:  # before copying them
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tree has {len(wire_tokens) + 1} nodes (root included); this "
+                         f"server verifies at most {self._limits.max_tree_nodes}")
+    tokens = np.asarray(wire_tokens, np.int64)
+    parents = np.asarray(wire_parents, np.int64)
     out_of_vocab = np.flatnonzero((tokens < 0) | (tokens >= self._limits.vocab_size))
     if out_of_vocab.size:
       i = int(out_of_vocab[0])
@@ -579,23 +635,25 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                          f"parents[{i}] = {int(parents[i])} must be in [0, {i}] (the root or an "
                          "earlier node)")
-    if request.root_token != session.last_token:
-      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"root_token {request.root_token} is not the session's last token "
-                         f"{session.last_token}; the client is out of sync")
-    tree = DraftTree(tokens=np.concatenate([[request.root_token], tokens]).astype(np.int32),
+    tree = DraftTree(tokens=np.concatenate([[root], tokens]).astype(np.int32),
                      parents=np.concatenate([[-1], parents]).astype(np.int32))
     try:  # what the field checks above leave: distinct siblings
       api.validate_tree(tree.tokens, tree.parents, max_nodes=self._limits.max_tree_nodes,
                         vocab_size=self._limits.vocab_size)
     except ValueError as e:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid tree: {e}") from e
+    return tree
+
+  async def _submit_verify(self, session: _Session,
+                           tree: DraftTree) -> specedge_pb2.VerifyResponse:
+    """Verifies the session's next round (its root checked by the caller) and returns the
+    answer, which is also stored for a retry of that step."""
     job = _VerifyJob(future=self._new_future(), request_id=session.request_id, slot=session.slot,
                      tree=tree)
     session.verify_in_flight = True
     session.inflight_step, session.inflight = session.steps_applied, job.future
     session.last_used = time.monotonic()
-    root = int(request.root_token)
+    root = int(tree.tokens[0])
     job.future.add_done_callback(lambda future: self._verify_done(session, root, future))
     await self._run_job(job)
     if session.last_response is None:  # _verify_done runs first: it was registered first

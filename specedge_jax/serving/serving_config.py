@@ -18,6 +18,8 @@ from specedge_jax.api import ProactiveParams, SamplingParams, TreeParams
 
 WORKLOAD_SOURCES = ("embedded", "c4", "mtbench", "oasst", "wikitext", "specbench")
 BATCHING_MODES = ("static", "dynamic")
+# How a run deals its requests to the drafters (`WorkloadConfig.mode`).
+WORKLOAD_MODES = ("sharded", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,10 @@ class ServerConfig:
   max_len: int = 1024  # cache rows per slot: prompt + generated tokens + one tree
   prefill_chunk: int = 64
   prefill_cache_entries: int = 0  # >0: snapshot prompt prefills for replayed prompts
+  # At start-up, every workload prompt's prefill is loaded from the on-disk store or computed and
+  # saved there (serving/prefill_store.py), and the snapshot cache is sized to hold them all.
+  prefill_precompute: bool = False
+  prefill_store_dir: str = ""  # the store's folder; empty: prefill_store.default_store_dir()
   # A session's lease: a session with no call for this long is closed and its slot freed.
   session_timeout_s: float = 30.0
   max_sessions_per_client: int = 0  # sessions one client may hold; 0: no cap beyond the slots
@@ -84,6 +90,8 @@ class ServerConfig:
         raise ValueError(f"server.{name} must be >= 1, got {getattr(self, name)}")
     if self.prefill_cache_entries < 0:
       raise ValueError("server.prefill_cache_entries must be >= 0")
+    if self.prefill_store_dir and not self.prefill_precompute:
+      raise ValueError("server.prefill_store_dir is set but server.prefill_precompute is off")
     if not self.session_timeout_s > 0:
       raise ValueError(f"server.session_timeout_s must be > 0, got {self.session_timeout_s}")
     if self.max_sessions_per_client < 0:
@@ -114,6 +122,9 @@ class EdgeConfig:
   # gives up after open_give_up_s (the HTTP API then answers 503).
   max_queued_requests: int = 8
   open_give_up_s: float = 300.0
+  # The reference's speculative first round: the edge drafts on the prompt and the server
+  # prefills prompt[:-1] and verifies that tree in the open (drafter.py).
+  speculative_first_round: bool = False
 
   def __post_init__(self):
     if self.max_queued_requests < 0 or not self.open_give_up_s > 0:
@@ -129,11 +140,24 @@ class EdgeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WorkloadConfig:
-  """The requests: the embedded prompt set or a SpecEdge benchmark set (`datasets.py`)."""
+  """The requests: the embedded prompt set or a SpecEdge benchmark set (`datasets.py`).
+
+  The sampled set is the reference client's: rows `[req_offset, end_row)` of the prompt file,
+  every `sample_req_cnt`-th (`datasets.sample_rows`), then at most `num_requests` of them.
+
+  mode: 'sharded' deals the set round-robin to the drafters, K interleaved requests on each
+    (`workload.shard`). 'reference' is the reference's client: every drafter runs one request at
+    a time (edge.requests_per_drafter must be 1) and replays the whole set in its own order,
+    `datasets.client_order` with its client index; request ids get a `c<client>-` prefix.
+  end_row: the reference's `max_request_num`: the exclusive end row of the sampled rows in the
+    prompt file (not a count); -1: the end of the file.
+  reasoning: the reference's `reasoning`: `enable_thinking` of chat templates that read it
+    (Qwen3) when Spec-Bench turns are wrapped (`datasets.apply_chat_template`).
+  """
 
   source: str = "embedded"
   dataset_dir: str = ""  # for the benchmark sets; empty: datasets.DEFAULT_DATASET_DIR
-  num_requests: int = 8  # in total, dealt round-robin to the drafters; 0 = all
+  num_requests: int = 8  # the first of the sampled set (0: all), dealt out or replayed by each
   req_offset: int = 0
   sample_req_cnt: int = 1
   max_new_tokens: int = 64
@@ -141,18 +165,43 @@ class WorkloadConfig:
   top_p: float = 1.0
   top_k: int = 0
   seed: int = 0
+  mode: str = "sharded"
+  end_row: int = -1
+  reasoning: bool = False
 
   def __post_init__(self):
     if self.source not in WORKLOAD_SOURCES:
       raise ValueError(f"workload.source must be one of {WORKLOAD_SOURCES}, got "
                        f"{self.source!r}")
+    if self.mode not in WORKLOAD_MODES:
+      raise ValueError(f"workload.mode must be one of {WORKLOAD_MODES}, got {self.mode!r}")
     if self.num_requests < 0 or self.max_new_tokens < 1:
       raise ValueError("workload.num_requests must be >= 0 and max_new_tokens >= 1")
+    if self.req_offset < 0 or self.sample_req_cnt < 1:
+      raise ValueError(f"workload.req_offset must be >= 0 and sample_req_cnt >= 1, got "
+                       f"{self.req_offset} and {self.sample_req_cnt}")
+    # An end at or before the offset samples nothing: refused here rather than as an empty run.
+    if self.end_row != -1 and self.end_row <= self.req_offset:
+      raise ValueError(f"workload.end_row is an exclusive end row (the reference's "
+                       f"max_request_num): -1 (the end of the file) or > req_offset="
+                       f"{self.req_offset}, got {self.end_row}")
+    if not isinstance(self.reasoning, bool):
+      raise ValueError(f"workload.reasoning must be true or false, got {self.reasoning!r}")
     self.sampling  # validates temperature / top_p / top_k  # pylint: disable=pointless-statement
 
   @property
   def sampling(self) -> SamplingParams:
     return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+  def client_share(self, total: int, client_index: int, num_clients: int) -> int:
+    """How many requests drafter `client_index` serves when the sampled set holds `total`."""
+    if self.mode == "reference":
+      return total  # every client replays the whole set
+    return len(range(client_index, total, num_clients))
+
+  def server_only_total(self, total: int, num_clients: int) -> int:
+    """How many requests a server-only baseline serves: the union of the drafters' requests."""
+    return total * num_clients if self.mode == "reference" else total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +213,15 @@ class ServingConfig:
   server: ServerConfig = ServerConfig()
   edge: EdgeConfig = EdgeConfig()
   workload: WorkloadConfig = WorkloadConfig()
+
+  def __post_init__(self):
+    # Refused rather than forced: a silently changed K would change the run's batching and
+    # throughput behind the user's back.
+    if self.workload.mode == "reference" and self.edge.requests_per_drafter != 1:
+      raise ValueError(
+          "workload.mode='reference' runs one request at a time on each drafter, as the "
+          "reference's client does: set edge.requests_per_drafter=1 (got "
+          f"{self.edge.requests_per_drafter})")
 
   @property
   def max_tree_nodes(self) -> int:

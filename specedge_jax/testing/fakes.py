@@ -56,6 +56,17 @@ class FakeSnapshot:
   def nbytes(self) -> int:
     return 0
 
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    # The prompt itself: something for a store on disk to write, read back and check.
+    return {"prompt": np.asarray(self.prompt_ids, np.int64)}
+
+  @classmethod
+  def from_arrays(cls, prompt_ids: Sequence[int], arrays: dict[str, np.ndarray]) -> FakeSnapshot:
+    prompt = tuple(int(t) for t in prompt_ids)
+    if set(arrays) != {"prompt"} or tuple(int(t) for t in arrays["prompt"]) != prompt:
+      raise ValueError("the arrays are not a fake snapshot of this prompt")
+    return cls(prompt_ids=prompt)
+
 
 class FakeTargetEngine:
   """Deterministic target: successor() is always the target's token."""
@@ -115,6 +126,21 @@ class FakeTargetEngine:
     self._sessions[slot] = dict(root=int(generated_ids[-1]), generated=len(generated_ids),
                                 max_new=max_new_tokens, finished=False,
                                 prompt=tuple(int(t) for t in prompt_ids))
+    return slot
+
+  def open_speculative(self, prompt_ids: Sequence[int], sampling: SamplingParams, seed: int,
+                       max_new_tokens: int) -> int:
+    self._check_thread()
+    if len(prompt_ids) < 2:
+      raise ValueError("a speculative first round needs a prompt of at least 2 tokens")
+    api.check_cache_room(len(prompt_ids), max_new_tokens, max_tree_nodes=self.max_tree_nodes,
+                         max_len=self.max_len)
+    if not self._free:
+      raise SlotsExhausted(f"all {self.num_slots} slots are busy")
+    slot = self._free.pop(0)
+    self.opened_prompts.append(tuple(prompt_ids))
+    self._sessions[slot] = dict(root=int(prompt_ids[-1]), generated=0, max_new=max_new_tokens,
+                                finished=False, prompt=tuple(int(t) for t in prompt_ids))
     return slot
 
   def export_prefill(self, slot: int) -> FakeSnapshot:

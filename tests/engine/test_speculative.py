@@ -231,8 +231,8 @@ def test_a_resumed_session_continues_exactly_where_the_first_left_off(pair):
     after = rounds(engine, slot, draft_engine, draft_slot, 100)
     assert before + after == uninterrupted, (sampling, with_draft)
   engine, _ = fresh()
-  with pytest.raises(ValueError, match="verify rounds"):
-    engine.open_resumed(prompt, [1, 2], 2, E.GREEDY, 0, 8)
+  with pytest.raises(ValueError, match="verify rounds"):  # 2 tokens: at most 2 rounds
+    engine.open_resumed(prompt, [1, 2], 3, E.GREEDY, 0, 8)
   with pytest.raises(ValueError, match="generated tokens"):
     engine.open_resumed(prompt, [1] * 8, 1, E.GREEDY, 0, 8)
 

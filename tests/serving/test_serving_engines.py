@@ -53,7 +53,7 @@ def edge_requests(prompts, edge):
 
 
 async def serve_edges(target_engine, make_draft_engine, prompts, *, batching, proactive,
-                      event_log=None, **server_kwargs):
+                      event_log=None, speculative_first_round=False, **server_kwargs):
   server = VerifierServer(target_engine, batching=batching, event_log=event_log,
                           **server_kwargs)
   port = await server.start("127.0.0.1:0")
@@ -61,7 +61,8 @@ async def serve_edges(target_engine, make_draft_engine, prompts, *, batching, pr
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
       drafters = [Drafter(make_draft_engine(), channel,
                           DrafterConfig(client_id=f"edge{e}", max_concurrent_requests=2,
-                                        proactive=proactive, max_new_tokens=MAX_NEW),
+                                        proactive=proactive, max_new_tokens=MAX_NEW,
+                                        speculative_first_round=speculative_first_round),
                           event_log=event_log)
                   for e in range(NUM_EDGES)]
       per_edge = await asyncio.gather(*(d.run(edge_requests(prompts, e))
@@ -72,11 +73,13 @@ async def serve_edges(target_engine, make_draft_engine, prompts, *, batching, pr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batching,proactive_mode", [
-    ("dynamic", "disabled"),
-    ("static", "excluded"),
+@pytest.mark.parametrize("batching,proactive_mode,first_round", [
+    ("dynamic", "disabled", "plain"),
+    ("static", "excluded", "plain"),
+    ("dynamic", "excluded", "speculative"),  # the reference's first round: tree in the open
 ])
-def test_greedy_over_grpc_equals_target_greedy(pair, workload, batching, proactive_mode):
+def test_greedy_over_grpc_equals_target_greedy(pair, workload, batching, proactive_mode,
+                                               first_round):
   target, draft = pair
   prompts, reference = workload
   target_engine = E.TargetEngine(target, num_slots=4, max_len=MAX_LEN,
@@ -88,9 +91,17 @@ def test_greedy_over_grpc_equals_target_greedy(pair, workload, batching, proacti
   log = EventLog(None, "specedge")
   outputs, server = asyncio.run(serve_edges(
       target_engine, make_draft, prompts, batching=BatchingConfig(mode=batching, max_wait_ms=1),
-      proactive=proactive.enabled, event_log=log))
+      proactive=proactive.enabled, event_log=log,
+      speculative_first_round=first_round == "speculative"))
   assert [o.error for o in outputs] == [""] * len(outputs)
   assert [o.tokens for o in outputs] == reference
+  phases = {e["phase"] for e in log.events if e["kind"] == "request_step"}
+  firsts = [e for e in log.events if e["kind"] == "request_step" and e.get("first_round")]
+  if first_round == "speculative":  # every request's first tokens came from a verified tree
+    assert "prefill" not in phases and len(firsts) == len(outputs)
+    assert sum(e["accepted_depth"] for e in firsts) > 0, "no first tree was accepted at all"
+  else:
+    assert "prefill" in phases and not firsts
   assert target_engine.num_free_slots == 4
   assert max(d for o in outputs for d in o.accepted_depths) >= 2, "no deep path was accepted"
   steps = [e for e in log.events if e["kind"] == "request_step" and e["phase"] == "verify"]

@@ -17,7 +17,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("prompt_text", "prompt_token_ids", "sampling", "seed", "max_new_tokens", "client_id", "request_id", "resume_tokens", "resume_rounds")
+    __slots__ = ("prompt_text", "prompt_token_ids", "sampling", "seed", "max_new_tokens", "client_id", "request_id", "resume_tokens", "resume_rounds", "first_tree")
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class OpenSessionRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUME_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TREE_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -36,7 +37,16 @@ class OpenSessionRequest(_message.Message):
     request_id: str
     resume_tokens: _containers.RepeatedScalarFieldContainer[int]
     resume_rounds: int
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., client_id: _Optional[str] = ..., request_id: _Optional[str] = ..., resume_tokens: _Optional[_Iterable[int]] = ..., resume_rounds: _Optional[int] = ...) -> None: ...
+    first_tree: FirstTree
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., client_id: _Optional[str] = ..., request_id: _Optional[str] = ..., resume_tokens: _Optional[_Iterable[int]] = ..., resume_rounds: _Optional[int] = ..., first_tree: _Optional[_Union[FirstTree, _Mapping]] = ...) -> None: ...
+
+class FirstTree(_message.Message):
+    __slots__ = ("tokens", "parents")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServerTiming(_message.Message):
     __slots__ = ("queue_time_s", "forward_time_s", "batch_size")
@@ -49,7 +59,7 @@ class ServerTiming(_message.Message):
     def __init__(self, queue_time_s: _Optional[float] = ..., forward_time_s: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "first_token", "finished", "prompt_tokens", "prompt_token_ids", "finish_reason", "timing")
+    __slots__ = ("session_id", "first_token", "finished", "prompt_tokens", "prompt_token_ids", "finish_reason", "timing", "first_round")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +67,7 @@ class OpenSessionResponse(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROUND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     first_token: int
     finished: bool
@@ -64,7 +75,8 @@ class OpenSessionResponse(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     timing: ServerTiming
-    def __init__(self, session_id: _Optional[str] = ..., first_token: _Optional[int] = ..., finished: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+    first_round: VerifyResponse
+    def __init__(self, session_id: _Optional[str] = ..., first_token: _Optional[int] = ..., finished: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., first_round: _Optional[_Union[VerifyResponse, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "root_token", "tokens", "parents", "step")
