@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
           "interleave": True,
           "simulated_rtt_ms": 14.0,  # the paper's edge-to-server round trip
           "max_len": 512,
+          # The HTTP API (launch.drafter --http_port): queue beyond the K running (429 past it),
+          # and how long an open waits for an unreachable verifier before a 503.
+          "max_queued_requests": 8,
+          "open_give_up_s": 300.0,
+          "speculative_first_round": False,  # the reference's: the first tree verified in the open
       },
       "workload": {
           "source": "embedded",
@@ -61,5 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
           "top_p": 1.0,
           "top_k": 0,
           "seed": 0,
+          "mode": "sharded",  # 'reference': one request per client, whole set in client_order
+          "end_row": -1,  # the reference's max_request_num: exclusive end row (-1: all)
+          "reasoning": False,  # enable_thinking of chat templates that read it (Qwen3)
       },
   })

@@ -51,6 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
           "interleave": True,
           "simulated_rtt_ms": 0.0,
           "max_len": 2048,
+          # The HTTP API (launch.drafter --http_port): queue beyond the K running (429 past it),
+          # and how long an open waits for an unreachable verifier before a 503.
+          "max_queued_requests": 8,
+          "open_give_up_s": 300.0,
+          "speculative_first_round": False,  # the reference's: the first tree verified in the open
       },
       "workload": {
           "source": "specbench",
@@ -63,5 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
           "top_p": 1.0,
           "top_k": 0,
           "seed": 42,
+          "mode": "sharded",  # 'reference': one request per client, whole set in client_order
+          "end_row": -1,  # the reference's max_request_num: exclusive end row (-1: all)
+          "reasoning": False,  # enable_thinking of chat templates that read it (Qwen3)
       },
   })
