@@ -14,7 +14,9 @@ The systems:
                         the target on the edge, the rest on the server (`serving/layer_split.py`)
 
 Runs go one after another (never overlapping: they share the cores), each under its own run id,
-in `out_dir/<system>/`. This module orchestrates only; the serving code is in serving/.
+in `out_dir/<system>/`. The layer split runs its tail server and head edges in this process
+(`layer_split.run_layer_split`): they share the cores, unlike the other systems' pinned child
+processes. This module orchestrates only; the serving code is in serving/.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _run_layer_split(config: ServingConfig, options: CompareOptions, folder: str
 
   with console.status(f"layer split at layer {options.split_layer} ({options.wire_dtype} wire)"):
     result = layer_split.run_layer_split(config, split_layer=options.split_layer,
-                                         wire_dtype=options.wire_dtype, out_dir=folder,
+                                         wire_dtype=options.wire_dtype, events_dir=folder,
                                          run_id="layer_split")
   return list(result.event_paths), {o.request_id: list(o.tokens) for o in result.outputs}
 
