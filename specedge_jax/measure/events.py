@@ -41,7 +41,9 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
                   re-opened the request in a new server session that continues it
 
 `system` names what produced the log: 'specedge' (verifier and edge drafters), 'server_only_ar'
-and 'server_only_spec' (the server-only baselines).
+and 'server_only_spec' (the server-only baselines), 'layer_split' (the reference's layer-split
+baseline: its tail server's 'prefill'/'decode' batches, its head edges' steps with phase
+'prefill'/'decode' and edge_busy op 'prefill'/'decode'/'close').
 
 Optional on any event: `run_id`, a name shared by all logs of one experiment run (for example
 'specedge-c8'). The report groups events into runs by `run_id`, or by `system` when it is absent,
