@@ -37,6 +37,7 @@ from flax import nnx
 
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.model_config import ModelConfig
+from specedge_jax.models import transformer
 from specedge_jax.models.transformer import Transformer
 
 
@@ -62,22 +63,14 @@ def _run_layers(layers: nnx.Module, num_layers: int, x, positions, inv_freq, mas
                 cache: kv.KVCache | None, slots, write_rows):
   """Runs a part's stacked layers over x [B, T, D]; layer i of the part uses layer i of `cache`.
 
-  The same scan as `Transformer.__call__`: split outside and merge inside the body, so the
-  traced program holds one layer whatever the depth, and the cache rides in the carry.
+  The model's own scan (`transformer.scan_layers`): one traced layer whatever the depth, the
+  cache in the carry.
   """
   if num_layers == 0:  # a part without layers: an empty scan would still trace cache reads
     return x, cache
   cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
-  graphdef, layer_state = nnx.split(layers)
-
-  def body(carry, layer_params):
-    h, ck, cv, layer = carry
-    h, ck, cv = nnx.merge(graphdef, layer_params)(h, positions, inv_freq, mask, ck, cv, layer,
-                                                 slots, write_rows)
-    return (h, ck, cv, layer + 1), None
-
-  (x, cache_k, cache_v, _), _ = jax.lax.scan(body, (x, cache_k, cache_v, jnp.int32(0)),
-                                             layer_state)
+  x, cache_k, cache_v = transformer.scan_layers(layers, x, positions, inv_freq, mask, cache_k,
+                                                cache_v, slots, write_rows)
   return x, (kv.KVCache(k=cache_k, v=cache_v) if cache is not None else None)
 
 

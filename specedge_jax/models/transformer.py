@@ -196,23 +196,14 @@ class Transformer(nnx.Module):
     else:
       cache_k = cache_v = None
 
-    # Split the stacked layers outside the scan and merge inside: the scan body then sees plain
-    # arrays (one layer's slice), which keeps the traced program to a single layer.
-    graphdef, layer_state = nnx.split(self.layers)
-
-    def body(carry, layer_params):
-      h, ck, cv, layer = carry
-      layer_module = nnx.merge(graphdef, layer_params)
-      h, ck, cv = layer_module(h, positions, inv_freq, attention_mask, ck, cv, layer, slots,
-                               write_rows)
-      return (h, ck, cv, layer + 1), None
-
     if layer_states is None:
-      (x, cache_k, cache_v, _), _ = jax.lax.scan(
-          body, (x, cache_k, cache_v, jnp.int32(0)), layer_state)
+      x, cache_k, cache_v = scan_layers(self.layers, x, positions, inv_freq, attention_mask,
+                                        cache_k, cache_v, slots, write_rows)
     else:
       if len(layer_states) != self.config.num_layers:
         raise ValueError(f"{len(layer_states)} layer states for {self.config.num_layers} layers")
+      body = _layer_body(nnx.graphdef(self.layers), positions, inv_freq, attention_mask, slots,
+                         write_rows)
       carry = (x, cache_k, cache_v, jnp.int32(0))
       for layer_params in layer_states:
         carry, _ = body(carry, layer_params)
@@ -227,6 +218,34 @@ class Transformer(nnx.Module):
       logits = self.lm_head(x)
     new_cache = kv.KVCache(k=cache_k, v=cache_v) if cache is not None else None
     return logits.astype(jnp.float32), new_cache
+
+
+def _layer_body(graphdef, positions, inv_freq, mask, slots, write_rows):
+  """The scan body over stacked decoder layers: merges one layer's parameters and runs it; the
+  carry is (hidden, cache k, cache v, layer index)."""
+
+  def body(carry, layer_params):
+    h, ck, cv, layer = carry
+    h, ck, cv = nnx.merge(graphdef, layer_params)(h, positions, inv_freq, mask, ck, cv, layer,
+                                                 slots, write_rows)
+    return (h, ck, cv, layer + 1), None
+
+  return body
+
+
+def scan_layers(layers: nnx.Module, x, positions, inv_freq, mask, cache_k, cache_v, slots,
+                write_rows):
+  """Runs stacked decoder `layers` (leading axis: layer) over x in one `lax.scan`; layer i
+  reads and writes layer i of the cache. Returns (x, cache_k, cache_v).
+
+  The layers are split outside the scan and merged inside: the body then sees plain arrays
+  (one layer's slice), which keeps the traced program to a single layer whatever the depth.
+  Used by the whole model and by its layer-split parts (`layer_split.py`)."""
+  graphdef, layer_state = nnx.split(layers)
+  body = _layer_body(graphdef, positions, inv_freq, mask, slots, write_rows)
+  (x, cache_k, cache_v, _), _ = jax.lax.scan(body, (x, cache_k, cache_v, jnp.int32(0)),
+                                             layer_state)
+  return x, cache_k, cache_v
 
 
 class StaticGraph:
