@@ -3,23 +3,33 @@
   python -m launch.local
   python -m launch.local --config.edge.num_drafters=4 --baselines=autoregressive
   python -m launch.local --verifier_cpus=0 --drafter_cpus=1 --config.edge.simulated_rtt_ms=14
+  python -m launch.local --serve [--http_port=8000 --http_host=127.0.0.1]
+  python -m launch.local --reference_yaml=specedge.example.yaml   # a reference config file
 
 Starts `launch.verifier` and `edge.num_drafters` x `launch.drafter` as child processes, shows
 progress, and prints the run summary (tokens/s, inter-token latency, accepted tokens per step,
 server throughput). Ctrl-C stops every child. Events, logs and summary.json go to --out_dir.
+With --serve, one drafter serves the OpenAI-compatible HTTP API and a chat page instead (the URLs
+are printed) until Ctrl-C; no workload, baselines or summary.
 The verifier and drafters talk over mutual TLS with one bearer token per drafter, from a test CA
 written into <out_dir>/security/; --insecure_local runs them in plaintext instead.
 """
 
 import os
+import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
+from rich.console import Console
 
 from launch import serving_flags
-from specedge_jax.serving import local, processes
+from specedge_jax.serving import local, processes, reference_config
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Run folder; default runs/local-<time>.")
+_REFERENCE_YAML = flags.DEFINE_string(
+    "reference_yaml", None, "A reference specedge YAML file instead of --config "
+    "(serving/reference_config.py); --config.<path>=value flags override it.")
 _VERIFIER_CPUS = flags.DEFINE_string("verifier_cpus", "", "Pin the verifier (and baselines).")
 _DRAFTER_CPUS = flags.DEFINE_string("drafter_cpus", "", "Pin the drafters.")
 _BASELINES = flags.DEFINE_list("baselines", [], "Server-only runs to compare: autoregressive, "
@@ -30,18 +40,41 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
 _INSECURE_LOCAL = flags.DEFINE_bool(
     "insecure_local", False, "Plaintext gRPC without tokens between the local verifier and "
     "drafters (default: mutual TLS and tokens from a test CA in <out_dir>/security/).")
+_SERVE = flags.DEFINE_bool("serve", False, "Serve the OpenAI-compatible HTTP API and a chat page "
+                           "from one drafter until Ctrl-C, instead of replaying the workload.")
+_HTTP_PORT = flags.DEFINE_integer("http_port", local.LocalOptions.http_port,
+                                  "--serve: the HTTP port (0 picks a free one).")
+_HTTP_HOST = flags.DEFINE_string("http_host", local.LocalOptions.http_host,
+                                 "--serve: the HTTP interface (0.0.0.0: all).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  out_dir = _OUT_DIR.value or os.path.join("runs", time.strftime("local-%Y%m%d-%H%M%S"))
-  options = local.LocalOptions(
-      out_dir=out_dir, verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),
-      drafter_cpus=processes.parse_cpus(_DRAFTER_CPUS.value), baselines=tuple(_BASELINES.value),
-      compilation_cache_dir=_COMPILATION_CACHE_DIR.value, insecure=_INSECURE_LOCAL.value)
-  result = local.run_local(serving_flags.serving_config(), options)
-  local.print_summary(result)
+  try:
+    config, fields = serving_flags.serving_config(), {}
+    if _REFERENCE_YAML.value:  # its notes are logged; its result folder unless --out_dir
+      config, fields = reference_config.to_local(reference_config.load_reference_yaml(
+          _REFERENCE_YAML.value), config_flags.get_override_values(flags.FLAGS["config"]))
+    out_dir = _OUT_DIR.value or fields.get("out_dir") or os.path.join(
+        "runs", time.strftime("local-%Y%m%d-%H%M%S"))
+    options = local.LocalOptions(
+        out_dir=out_dir, verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),
+        drafter_cpus=processes.parse_cpus(_DRAFTER_CPUS.value),
+        baselines=tuple(_BASELINES.value), compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
+        insecure=_INSECURE_LOCAL.value, serve=_SERVE.value, http_port=_HTTP_PORT.value,
+        http_host=_HTTP_HOST.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  console = Console()
+  try:
+    result = local.run_local(config, options, console)
+  except local.ChildFailed as e:
+    # A child's log tail can hold brackets: printed as text, not as rich markup.
+    console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
+  if not options.serve:
+    local.print_summary(result, console)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Serves until SIGINT/SIGTERM. See specedge_jax/serving/verifier.py for threads an
 
 import asyncio
 import logging
+import os
+import sys
 
 from absl import app, flags
 
@@ -54,6 +56,14 @@ def main(argv):
       port_file=_PORT_FILE.value, events_path=serving_flags.EVENT_LOG.value,
       run_id=serving_flags.RUN_ID.value, security=server_security,
       metrics_port=_METRICS_PORT.value, metrics_host=_METRICS_HOST.value))
+  # Served and shut down: the server is stopped and the event log closed. Leave without the
+  # interpreter's teardown, whose C++ static destructors of torch (loaded by transformers with
+  # the tokenizer) take ~2 s of CPU to unregister its operators: time a local run's drafters,
+  # exiting meanwhile on the same cores, waited for (the stop phase went from ~2.0 s to ~1.2 s).
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
   prefix_cache.py  prompt prefill snapshots: export after an open, restore by copy.
   prefill.py       the chunked prompt prefill driver and batch buckets both engines use.
   clock.py         `DeviceClock`, the host-overhead accounting of device calls.
+  compile_lock.py  processes that compile the same programs take turns (persistent cache).
 
 Both engines implement the contract in `specedge_jax.api`; serving reaches them only through it.
 The jit boundary is in `specedge_jax.spec` (pure functions, donated caches); the engines own the

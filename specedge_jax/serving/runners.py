@@ -64,15 +64,20 @@ def build_target_engine(config: ServingConfig, model=None, *,
 
 def build_draft_engine(config: ServingConfig, num_slots: int | None = None,
                        model=None) -> DraftEngine:
-  """An edge's draft engine, warmed up."""
+  """An edge's draft engine, warmed up (one drafter at a time per compilation cache, so that
+  drafters started together compile the draft programs once: `compile_lock`)."""
+  from specedge_jax.engine import compile_lock  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   model = model or load_model(config.models.draft, config.models.dtype)
   loaded = time.perf_counter()
   _log.info("draft model loaded in %.2f s", loaded - start)
   engine = DraftEngine(model, num_slots=num_slots or config.edge.requests_per_drafter,
                        max_len=config.edge.max_len, tree=config.tree, proactive=config.proactive)
-  engine.warmup()
-  _log.info("draft engine warmed up in %.2f s", time.perf_counter() - loaded)
+  with compile_lock.exclusive("draft-warmup") as waited_s:
+    engine.warmup()
+  _log.info("draft engine warmed up in %.2f s (%.2f s of it waiting for another process's "
+            "warm-up)", time.perf_counter() - loaded, waited_s)
   return engine
 
 
@@ -91,7 +96,7 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
   always passes one. `metrics_port` (0: any free port) serves Prometheus metrics over HTTP."""
   if security is not None:
     security_lib.server_credentials(security)  # a refused config fails before the model loads
-  engine = build_target_engine(config)
+  engine = build_target_engine(config, decode=False)  # a verifier only verifies
   tokenizer = None
   if has_tokenizer(config.models.tokenizer_dir):
     tokenizer = workload.load_tokenizer(config.models.tokenizer_dir)
@@ -181,26 +186,38 @@ def _channel(address: str, security: security_lib.ClientSecurity | None) -> grpc
 
 async def wait_for_server(address: str, timeout_s: float,
                           security: security_lib.ClientSecurity | None = None) -> None:
-  """Waits until the verifier's health service says SERVING."""
+  """Waits until the verifier's health service says SERVING (on a channel of its own)."""
+  async with _channel(address, security) as channel:
+    await wait_for_serving(channel, address, timeout_s)
+
+
+async def wait_for_serving(channel: grpc.aio.Channel, address: str, timeout_s: float) -> None:
+  """Waits until the verifier's health service says SERVING over `channel`.
+
+  Ask over the channel that will carry the calls: its connection is the one that answered.
+  `launch.local` holds the verifier's port with a NOT_SERVING stand-in until the verifier
+  serves beside it on the same port (`local._PortHolder`); a connection that landed on the
+  stand-in keeps hearing NOT_SERVING until the stand-in goes and the channel reconnects to the
+  verifier. A separate health channel could hear SERVING from the verifier while this one still
+  talks to the stand-in, whose answer to an OpenSession is UNIMPLEMENTED."""
   from grpc_health.v1 import health_pb2, health_pb2_grpc  # pylint: disable=g-import-not-at-top
 
   deadline = time.monotonic() + timeout_s
   last_error = ""
-  async with _channel(address, security) as channel:
-    stub = health_pb2_grpc.HealthStub(channel)
-    while True:
-      try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service="specedge.v1.Verifier"),
-                                 timeout=2.0)
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-          return
-      except grpc.aio.AioRpcError as e:
-        # Kept for the timeout's message: a TLS handshake failure shows only here.
-        last_error = f"; last error: {e.code().name}: {e.details()}"
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"no SERVING verifier at {address} after {timeout_s:.0f} s"
-                           f"{last_error}")
-      await asyncio.sleep(0.2)
+  stub = health_pb2_grpc.HealthStub(channel)
+  while True:
+    try:
+      reply = await stub.Check(health_pb2.HealthCheckRequest(service="specedge.v1.Verifier"),
+                               timeout=2.0)
+      if reply.status == health_pb2.HealthCheckResponse.SERVING:
+        return
+    except grpc.aio.AioRpcError as e:
+      # Kept for the timeout's message: a TLS handshake failure shows only here.
+      last_error = f"; last error: {e.code().name}: {e.details()}"
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"no SERVING verifier at {address} after {timeout_s:.0f} s"
+                         f"{last_error}")
+    await asyncio.sleep(0.2)
 
 
 def _drafter_config(config: ServingConfig, client_index: int) -> DrafterConfig:
@@ -227,12 +244,12 @@ async def run_drafter(config: ServingConfig, server_address: str, *, client_inde
     security.require_allowed()  # a refused config fails before the model loads
   requests = workload.requests_for_client(config, client_index)  # by workload.mode
   engine = build_draft_engine(config)
-  await wait_for_server(server_address, connect_timeout_s, security)
   log = event_log(events_path, "specedge")
   tags = {"run_id": run_id} if run_id else {}
   drafter_config = _drafter_config(config, client_index)
   try:
     async with _channel(server_address, security) as channel:
+      await wait_for_serving(channel, server_address, connect_timeout_s)
       drafter = Drafter(engine, channel, drafter_config, event_log=log, event_tags=tags,
                         on_tokens=on_tokens)
       return await drafter.run(requests)
@@ -248,7 +265,8 @@ async def serve_drafter_http(config: ServingConfig, server_address: str, *,
                              events_path: str | None = None, run_id: str | None = None,
                              security: security_lib.ClientSecurity | None = None,
                              stop: asyncio.Event | None = None,
-                             on_ready: Callable[[int], None] | None = None) -> None:
+                             on_ready: Callable[[int], None] | None = None,
+                             connect_timeout_s: float = 600.0) -> None:
   """Loads the draft model and serves the OpenAI-compatible HTTP API, the chat page and
   /metrics on this edge, in this event loop beside the gRPC client, until SIGINT/SIGTERM (or
   `stop` is set). HTTP requests join the drafter's K interleaved requests, so pipeline-aware
@@ -271,6 +289,8 @@ async def serve_drafter_http(config: ServingConfig, server_address: str, *,
   tags = {"run_id": run_id} if run_id else {}
   name = model_name or served_model_name(config)
   async with _channel(server_address, security) as channel:
+    # The API opens once the verifier serves (a request before would wait for it anyway).
+    await wait_for_serving(channel, server_address, connect_timeout_s)
     drafter = Drafter(engine, channel, _drafter_config(config, client_index), event_log=log,
                       event_tags=tags)
     metrics.set_gauge_sources(free_slots=lambda: drafter.stats()["free_slots"],

@@ -4,6 +4,7 @@ embedded prompt set. Also: Ctrl-C leaves no process behind, and the process plum
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,10 +12,12 @@ import subprocess
 import sys
 import time
 
+import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from specedge_jax.serving import processes
+from specedge_jax.serving import local, processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -152,3 +155,36 @@ def _pgid(process: psutil.Process) -> int | None:
     return os.getpgid(process.pid)
   except (ProcessLookupError, PermissionError):
     return None
+
+
+
+def test_port_holder_hands_waiting_drafters_over_to_the_verifier():
+  """A drafter ready before the verifier waits on the holder's NOT_SERVING health, not on a
+  closed port (where gRPC's reconnect backoff would delay it by seconds), and reaches the
+  verifier, bound beside the holder on the same port, as soon as the holder is released."""
+  # Imported here: runners loads JAX, which the other tests of this file do not need.
+  from specedge_jax.serving import runners  # pylint: disable=g-import-not-at-top
+
+  holder = local._PortHolder("127.0.0.1", None)  # pylint: disable=protected-access
+
+  async def handover_s() -> float:
+    waiting = asyncio.create_task(runners.wait_for_server(f"127.0.0.1:{holder.port}", 20.0))
+    await asyncio.sleep(2.5)  # past a first reconnect backoff, were the port closed
+    assert not waiting.done()  # NOT_SERVING: still waiting
+    server = grpc.aio.server()
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    await servicer.set(local.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    assert server.add_insecure_port(f"127.0.0.1:{holder.port}") == holder.port  # SO_REUSEPORT
+    await server.start()
+    started = time.monotonic()
+    holder.release()
+    await asyncio.wait_for(waiting, 10.0)
+    took = time.monotonic() - started
+    await server.stop(None)
+    return took
+
+  try:
+    assert asyncio.run(handover_s()) < 0.8
+  finally:
+    holder.release()

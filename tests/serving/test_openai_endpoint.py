@@ -240,3 +240,40 @@ def test_the_chat_page_streams_the_target_greedy_answer_in_a_real_browser(stack,
   assert shown["finish_reason"] in ("stop", "length")
   assert float(shown["stats"]["tokens-per-s"]) > 0 and float(shown["stats"]["itl-ms"]) > 0
   assert os.path.getsize(screenshot) > 0
+
+
+def test_launch_local_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path):
+  """`python -m launch.local --serve` as a user runs it: real processes over mutual TLS, the
+  HTTP port from its port file, a chat completion through the `openai` client, then SIGINT
+  stops everything with status 0."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out_dir = tmp_path / "serve"
+  process = subprocess.Popen(
+      [sys.executable, "-m", "launch.local", "--serve", "--http_port=0",
+       f"--out_dir={out_dir}"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  try:
+    port_file = out_dir / "http.port"
+    deadline = time.monotonic() + 300
+    while not port_file.exists():
+      assert process.poll() is None, process.stdout.read()
+      assert time.monotonic() < deadline, "the HTTP edge did not come up"
+      time.sleep(0.2)
+    port = int(port_file.read_text())
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    model = c.models.list().data[0].id
+    reply = c.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content and reply.usage.completion_tokens <= 8
+  finally:
+    process.send_signal(signal.SIGINT)
+    try:
+      output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      raise
+  assert process.returncode == 0, output
+  assert f"http://127.0.0.1:{port}/" in output  # the URLs were printed
