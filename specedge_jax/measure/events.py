@@ -7,7 +7,9 @@ seconds (the processes of a run share one machine clock); durations end in `_s`.
 Event kinds and their fields (beyond `kind`, `system`, `t`):
 
   request_start   request_id, client_id, prompt_tokens, dataset, category
-                  (one per user request, when the client submits it)
+                  (one per user request, when the client submits it: a live HTTP request at
+                  its arrival, a replayed one when it takes one of the edge's K places); an
+                  edge adds queue_wait_s (the time from arrival to a place)
   request_step    request_id, client_id, n_tokens (tokens emitted to the user by this step,
                   bonus included), draft_time_s, wait_time_s, tree_size, accepted_depth (tree
                   nodes accepted, bonus excluded), proactive_hit (true/false, or null when

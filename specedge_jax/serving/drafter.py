@@ -462,12 +462,17 @@ class Drafter:
                       "retry later")
     seed = request.seed if request.seed is not None else self.config.seed + next(self._seeds)
     stream = RequestStream()
-    stream._task = self._spawn(request, seed, stream._updates.put_nowait)
+    stream._task = self._spawn(request, seed, stream._updates.put_nowait,
+                               submitted_at=time.time())
     return stream
 
   def _spawn(self, request: EdgeRequest, seed: int,
-             on_round: Callable[[RoundUpdate], None] | None) -> asyncio.Task:
-    """A task that waits for one of the K places, then serves the request in it."""
+             on_round: Callable[[RoundUpdate], None] | None,
+             submitted_at: float | None = None) -> asyncio.Task:
+    """A task that waits for one of the K places, then serves the request in it.
+
+    `submitted_at` (a live request's arrival) starts the request's clock, so its TTFT holds
+    its wait for a place; None (a replayed workload) starts it when it takes its place."""
     self._queued += 1
 
     async def serve_in_turn() -> RequestOutput:
@@ -477,7 +482,7 @@ class Drafter:
           self._queued, queued = self._queued - 1, False
           self._running += 1
           try:
-            return await self._serve(request, seed, on_round)
+            return await self._serve(request, seed, on_round, submitted_at)
           finally:
             self._running -= 1
       finally:
@@ -585,10 +590,13 @@ class Drafter:
     task.add_done_callback(self._tasks.discard)
 
   async def _serve(self, request: EdgeRequest, seed: int,
-                   on_round: Callable[[RoundUpdate], None] | None = None) -> RequestOutput:
+                   on_round: Callable[[RoundUpdate], None] | None = None,
+                   submitted_at: float | None = None) -> RequestOutput:
     """Serves one request to its end. A cancelled request (its user went away) still frees its
     draft slot and closes its server session before the cancellation goes on."""
-    t_submit = time.time()
+    t_place = time.time()
+    t_submit = submitted_at if submitted_at is not None else t_place
+    queue_wait = dict(queue_wait_s=t_place - t_submit)  # in request_start: the wait for a place
     report = on_round or (lambda update: None)
     output = RequestOutput(request_id=request.request_id, prompt_tokens=len(request.prompt_ids),
                            tokens=[], finish_reason="error")
@@ -610,7 +618,7 @@ class Drafter:
         output.prompt_tokens = opened.prompt_tokens
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
-                   category=request.category)
+                   category=request.category, **queue_wait)
         started_logged = True
         first = opened.first_round
         result = VerifyResult(accepted=list(first.accepted_tokens), bonus=int(first.bonus_token),
@@ -643,11 +651,11 @@ class Drafter:
         output.prompt_tokens = opened.prompt_tokens
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
-                   category=request.category)
+                   category=request.category, **queue_wait)
         started_logged = True
         output.tokens.append(opened.first_token)
         self._emit("request_step", request_id=request.request_id, n_tokens=1, draft_time_s=0.0,
-                   wait_time_s=time.time() - t_submit, tree_size=0, accepted_depth=None,
+                   wait_time_s=time.time() - t_place, tree_size=0, accepted_depth=None,
                    proactive_hit=None, phase="prefill")
         self._stream([opened.first_token], opened.finished, request.request_id)
         report(RoundUpdate(tokens=(opened.first_token,), round=0, finished=opened.finished,
@@ -717,7 +725,7 @@ class Drafter:
       if not started_logged:
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=output.prompt_tokens, dataset=request.dataset,
-                   category=request.category)
+                   category=request.category, **queue_wait)
       if draft_slot is not None:
         await self._edge.run(self.engine.close, draft_slot, op="close")
       if session_id is not None:

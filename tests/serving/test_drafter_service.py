@@ -181,3 +181,34 @@ def test_submit_before_start_is_refused():
         drafter.submit(request(0))
 
   run(scenario())
+
+
+def test_a_live_request_clock_starts_at_submission_so_ttft_holds_its_queue_wait():
+  from specedge_jax.measure.events import EventLog  # pylint: disable=g-import-not-at-top
+  from specedge_jax.measure import metrics  # pylint: disable=g-import-not-at-top
+
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2,
+                            forward_delay_s=0.02)
+  log = EventLog(None, "specedge")
+
+  async def scenario():
+    async with running_verifier(target, batching=BatchingConfig(mode="dynamic")) as (_, ch, _):
+      drafter = Drafter(FakeDraftEngine(vocab_size=VOCAB, num_slots=1), ch,
+                        DrafterConfig(max_concurrent_requests=1, max_queued_requests=1,
+                                      max_new_tokens=12), event_log=log)
+      await drafter.start()
+      try:
+        first, second = drafter.submit(request(0)), drafter.submit(request(1))
+        await asyncio.gather(collect(first), collect(second))
+      finally:
+        await drafter.stop()
+
+  run(scenario())
+  starts = {e["request_id"]: e for e in log.events if e["kind"] == "request_start"}
+  assert starts["r0"]["queue_wait_s"] < 0.05  # took the one place at once
+  assert starts["r1"]["queue_wait_s"] > 0.1  # waited for r0's whole request (12 tokens)
+  _, (summary,) = metrics.summarize_events(log.events)
+  second = next(r for r in metrics.summarize_events(log.events)[0][0].requests
+                if r.request_id == "r1")
+  assert second.ttft_s > starts["r1"]["queue_wait_s"]  # the report's TTFT includes the wait
+  assert summary.requests.n_requests == 2
