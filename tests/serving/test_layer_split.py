@@ -342,6 +342,7 @@ def test_opens_beyond_the_slots_are_refused_and_retried(tiny):
 # -- security --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the verifier's TLS and tokens are held in the inner loop by test_security.py
 def test_mutual_tls_and_tokens(tiny, tmp_path):
   pki = sec.make_test_pki(str(tmp_path / "ca"))
   tokens_file = sec.make_tokens(str(tmp_path / "tokens"), ["edge0"])

@@ -326,6 +326,7 @@ def real_setup(tmp_path, monkeypatch):
   return folder, store_dir, prompts, forwards
 
 
+@pytest.mark.slow  # the fake-engine tests above hold the reuse logic in the inner loop
 def test_real_engine_reuses_after_a_restart_with_no_forward_and_exact_outputs(real_setup):
   folder, store_dir, prompts, forwards = real_setup
   reqs = requests(prompts)
