@@ -79,6 +79,8 @@ from specedge_jax.serving import security as security_lib
 from specedge_jax.serving import workload
 from specedge_jax.serving.drafter import EdgeDevice, EdgeRequest, RequestOutput, ServerError
 from specedge_jax.serving.engine_worker import RequestError
+from specedge_jax.serving.servicer import (MAX_LABEL_CHARS, Identify, caller_of, owned_session,
+                                           short_id)
 from specedge_jax.serving.proto import layer_split_pb2 as pb
 from specedge_jax.serving.proto import layer_split_pb2_grpc as pb_grpc
 from specedge_jax.serving.serving_config import BatchingConfig, ServingConfig
@@ -87,8 +89,6 @@ _log = logging.getLogger(__name__)
 
 SERVICE_NAME = "specedge.layersplit.v1.LayerSplitTail"
 SYSTEM = "layer_split"  # the events' `system`
-MAX_LABEL_CHARS = 256  # client_id, request_id
-MAX_SESSION_ID_CHARS = 64  # ours are 32 hex digits
 _MAX_SEED = 2**63 - 1
 # One message may hold this much; a prompt chunk of the reference's 32B model (64 rows x 5120
 # values in fp32) is 1.3 MiB.
@@ -154,11 +154,6 @@ def _finish_reason(token: int, finished: bool, eos_token_ids) -> str:
   if not finished:
     return ""
   return "eos" if token in eos_token_ids else "length"
-
-
-def _short(text: str, limit: int = 24) -> str:
-  """An id as error messages quote it: never the whole of an oversized one."""
-  return repr(text) if len(text) <= limit else repr(text[:limit] + "...")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,7 +442,6 @@ class _HeldSlot:
   abandoned: bool = False
 
 
-Identify = Callable[[Sequence[tuple[str, str | bytes]]], str | None]
 
 
 class LayerSplitServicer:
@@ -473,30 +467,10 @@ class LayerSplitServicer:
     return await asyncio.shield(job.future)
 
   def _caller(self, context: grpc.aio.ServicerContext) -> str:
-    if self._identify is None:
-      return ""
-    name = self._identify(context.invocation_metadata() or ())
-    if name is None:  # the interceptor refuses these first; this is the handler's own check
-      raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-    return name
+    return caller_of(self._identify, context)
 
   def _session(self, session_id: str, caller: str) -> _Session:
-    if not session_id:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-    if len(session_id) > MAX_SESSION_ID_CHARS:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"session_id has {len(session_id)} characters; ids have at most "
-                         f"{MAX_SESSION_ID_CHARS}")
-    session = self.sessions.get(session_id)
-    if session is None:
-      raise RequestError(grpc.StatusCode.NOT_FOUND,
-                         f"no open session {_short(session_id)} (never opened, closed, or "
-                         "reaped after its lease)")
-    if session.owner != caller:
-      raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                         f"session {_short(session_id)} belongs to another client")
-    session.last_used = time.monotonic()  # every call renews the lease
-    return session
+    return owned_session(self.sessions, session_id, caller)
 
   async def _guard(self, context: grpc.aio.ServicerContext, body):
     """Runs a handler body; a RequestError becomes its gRPC status, anything else INTERNAL."""
@@ -737,7 +711,7 @@ class LayerSplitServicer:
              if s.inflight is None and now - s.last_used > lease_s]
     for session in stale:
       _log.warning("closing session %s (request %s): its lease ran out", session.session_id,
-                   _short(session.request_id))
+                   short_id(session.request_id))
       del self.sessions[session.session_id]
       self._submit_close(session.request_id, session.slot)
     return [s.session_id for s in stale]

@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -75,9 +75,44 @@ class _RateLimitedWarning:
     _log.warning(message + suffix, *args)
 
 
-def _short(text: str, limit: int = 24) -> str:
+def short_id(text: str, limit: int = 24) -> str:
   """An id as error messages quote it: never the whole of an oversized one."""
   return repr(text) if len(text) <= limit else repr(text[:limit] + "...")
+
+
+def caller_of(identify: Identify | None, context: grpc.aio.ServicerContext) -> str:
+  """The authenticated name of the caller ("" without authentication)."""
+  if identify is None:
+    return ""
+  name = identify(context.invocation_metadata() or ())
+  if name is None:  # the interceptor refuses these first; this is the handler's own check
+    raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+  return name
+
+
+SessionT = TypeVar("SessionT")
+
+
+def owned_session(sessions: Mapping[str, SessionT], session_id: str, caller: str) -> SessionT:
+  """The caller's session `session_id` (its lease renewed); INVALID_ARGUMENT, NOT_FOUND or
+  PERMISSION_DENIED otherwise. Sessions have `owner` and `last_used` (this servicer's and the
+  layer-split tail's)."""
+  if not session_id:
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+  if len(session_id) > MAX_SESSION_ID_CHARS:
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"session_id has {len(session_id)} characters; ids have at most "
+                       f"{MAX_SESSION_ID_CHARS}")
+  session = sessions.get(session_id)
+  if session is None:
+    raise RequestError(grpc.StatusCode.NOT_FOUND,
+                       f"no open session {short_id(session_id)} (never opened, closed, or "
+                       "reaped after its lease)")
+  if getattr(session, "owner") != caller:
+    raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
+                       f"session {short_id(session_id)} belongs to another client")
+  setattr(session, "last_used", time.monotonic())  # every call renews the lease
+  return session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,31 +224,10 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     return await asyncio.shield(job.future)
 
   def _caller(self, context: grpc.aio.ServicerContext) -> str:
-    """The authenticated name of the caller ("" without authentication)."""
-    if self._identify is None:
-      return ""
-    name = self._identify(context.invocation_metadata() or ())
-    if name is None:  # the interceptor refuses these first; this is the handler's own check
-      raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-    return name
+    return caller_of(self._identify, context)
 
   def _session(self, session_id: str, caller: str) -> _Session:
-    if not session_id:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
-    if len(session_id) > MAX_SESSION_ID_CHARS:
-      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"session_id has {len(session_id)} characters; ids have at most "
-                         f"{MAX_SESSION_ID_CHARS}")
-    session = self.sessions.get(session_id)
-    if session is None:
-      raise RequestError(grpc.StatusCode.NOT_FOUND,
-                         f"no open session {_short(session_id)} (never opened, closed, or "
-                         "reaped after its lease)")
-    if session.owner != caller:
-      raise RequestError(grpc.StatusCode.PERMISSION_DENIED,
-                         f"session {_short(session_id)} belongs to another client")
-    session.last_used = time.monotonic()  # every call renews the lease
-    return session
+    return owned_session(self.sessions, session_id, caller)
 
   async def _prompt_ids(self, request: specedge_pb2.OpenSessionRequest
                         ) -> tuple[tuple[int, ...], bool]:
@@ -367,7 +381,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
               + self._opens_in_flight_by[quota_key])
       if held >= self._max_sessions_per_client:
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"client {_short(quota_key)} holds {held} sessions, its quota; close "
+                           f"client {short_id(quota_key)} holds {held} sessions, its quota; close "
                            "one first")
     speculative = request.HasField("first_tree")
     if speculative and request.prompt_text:  # before tokenizing: the tree needs the edge's ids
@@ -727,6 +741,6 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
              if not s.verify_in_flight and now - s.last_used > lease_s]
     for session in stale:
       _log.warning("closing session %s (request %s): its lease ran out (no call for %.1f s)",
-                   session.session_id, _short(session.request_id), now - session.last_used)
+                   session.session_id, short_id(session.request_id), now - session.last_used)
       self._abandon(session)
     return [s.session_id for s in stale]
