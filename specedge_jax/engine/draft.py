@@ -57,7 +57,7 @@ class DraftEngine:
                proactive: ProactiveParams = ProactiveParams(), prefill_chunk: int = 64,
                cache_dtype=None):
     self.config = model.config
-    self.graphdef, self.state = split_model(model)
+    self.graphdef, self.state = split_model(model, layerwise=True)  # see TargetEngine
     self.tree_params, self.proactive_params = tree, proactive
     widest = max(tree.max_branch_width,
                  proactive.max_branch_width if proactive.enabled else 0)

@@ -15,10 +15,13 @@ carry, which XLA updates in place.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax import struct
 
 from specedge_jax.models import kv_cache as kv
 from specedge_jax.models.model_config import ModelConfig
@@ -91,21 +94,22 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, inv_freq)
 
     if cache_k is not None:
-      # Write first, then attend over the whole slot: the mask alone decides what is visible,
-      # including the new tokens themselves (causal or tree structure).
+      # Write first, then attend: the mask alone decides what is visible, including the new
+      # tokens themselves (causal or tree structure). Only the first `mask.shape[-1]` rows are
+      # read: callers bound that by the live prefix (see `attend_rows`), so a step's KV traffic
+      # follows the context, not the cache's max_len.
       cache_k = kv.write_layer(cache_k, layer, slots, write_rows, k)
       cache_v = kv.write_layer(cache_v, layer, slots, write_rows, v)
-      keys = cache_k[layer, slots].astype(x.dtype)  # [B, S, K, H]
-      values = cache_v[layer, slots].astype(x.dtype)
+      rows = mask.shape[-1]
+      keys = cache_k[layer, slots, :rows].astype(x.dtype)  # [B, S, K, H]
+      values = cache_v[layer, slots, :rows].astype(x.dtype)
     else:
       keys, values = k, v
 
-    q = q.reshape(batch, seq, c.num_kv_heads, c.queries_per_kv_head, c.head_dim)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys,
-                        preferred_element_type=jnp.float32) * (c.head_dim**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values)
+    # Grouped-query attention with an arbitrary boolean mask (causal, tree or padding): XLA's
+    # implementation everywhere, cuDNN's where JAX selects it on GPU. Scores are float32.
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, :, :],
+                                       scale=c.head_dim**-0.5)  # [B, T, Q, H]
     out = out.reshape(batch, seq, c.num_heads * c.head_dim)
     return self.o_proj(out), cache_k, cache_v
 
@@ -279,10 +283,47 @@ def unstack_layers(model: "Transformer") -> list[nnx.State]:
           for i in range(model.config.num_layers)]
 
 
-def split_model(model: "Transformer") -> tuple[StaticGraph, nnx.State]:
-  """(static graph, state) for passing a model into the project's jitted functions."""
+@struct.dataclass
+class LayerwiseState:
+  """A model's weights with every decoder layer in arrays of its own.
+
+  `shell` is the model's state with each stacked [L, ...] layer leaf replaced by a zero-size
+  placeholder (the graph still needs a leaf there, and the weights are then held once, in
+  `layers`). `bind` runs such a state with the layers looped in Python inside jit, so each layer's
+  dot reads its own weight buffer: no per-step slice of a stacked array (models/hlo.py).
+  """
+  shell: nnx.State
+  layers: tuple[nnx.State, ...]
+
+
+def split_model(model: "Transformer", *,
+                layerwise: bool = False) -> tuple[StaticGraph, nnx.State | LayerwiseState]:
+  """(static graph, state) for passing a model into the project's jitted functions.
+
+  With `layerwise`, the state is a `LayerwiseState`: the engines use it so that compiled verify,
+  decode and prefill copy no weight per layer (the notes' "layer scan's weight copies"), at the
+  cost of a program that grows with depth. The model's own arrays are not kept: its stacked
+  layer weights are unstacked into new arrays and the caller should drop the model.
+  """
   graphdef, state = nnx.split(model)
-  return StaticGraph(graphdef), state
+  if not layerwise:
+    return StaticGraph(graphdef), state
+  layers = tuple(unstack_layers(model))
+  shell = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.zeros((0,), leaf.dtype) if _is_layer_path(path) else leaf, state)
+  return StaticGraph(graphdef), LayerwiseState(shell=shell, layers=layers)
+
+
+def _is_layer_path(path) -> bool:
+  return bool(path) and getattr(path[0], "key", None) == "layers"
+
+
+def bind(graphdef: StaticGraph, model_state: nnx.State | LayerwiseState):
+  """The callable model for a `split_model` state, inside jit: `bind(g, s)(tokens, ...)`."""
+  if isinstance(model_state, LayerwiseState):
+    model = nnx.merge(graphdef.graphdef, model_state.shell)
+    return functools.partial(model, layer_states=list(model_state.layers))
+  return nnx.merge(graphdef.graphdef, model_state)
 
 
 def causal_mask(lengths: jax.Array, seq_len: int) -> jax.Array:

@@ -28,9 +28,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import struct
 
 from specedge_jax.models.kv_cache import DROP_ROW, KVCache
+from specedge_jax.models import transformer
 from specedge_jax.spec import tree as tree_lib
 
 LEVEL_DECAY = math.log(0.9)
@@ -191,7 +192,7 @@ def grow(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *, slot, co
   """
   # The model is split outside jit and merged here: a traced state argument (instead of a static
   # module) keeps the compiled program independent of the parameter values.
-  model = nnx.merge(graphdef.graphdef, model_state)
+  model = transformer.bind(graphdef, model_state)
   step_fn = functools.partial(_expand_step, model, slot=slot, context_len=context_len,
                               root_position=root_position, budget=budget, n_beams=n_beams,
                               branch_width=branch_width)
@@ -218,7 +219,7 @@ def expand_leaves(graphdef, model_state, cache: KVCache, tree: tree_lib.Tree, *,
   next-token candidates. Proactive drafting needs this: verification most often ends at a leaf,
   and the bonus there is unknown until the leaf is forwarded. Returns (cache, tree, next_row).
   """
-  model = nnx.merge(graphdef.graphdef, model_state)
+  model = transformer.bind(graphdef, model_state)
   capacity = tree.capacity
   unexpanded = tree.valid & ~tree.expanded
   # Unexpanded nodes first, in index order; the rest are dead lanes.

@@ -27,9 +27,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from specedge_jax.models import kv_cache as kv
+from specedge_jax.models import sharding
+from specedge_jax.models import transformer
 from specedge_jax.spec import sampling
 from specedge_jax.spec import tree as tree_lib
 
@@ -41,9 +42,10 @@ def request_keys(seeds, steps):
       seeds, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attend_len"),
+                   donate_argnames=("cache",))
 def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, parents,
-           num_nodes, temperature, top_p, top_k, seeds, steps):
+           num_nodes, temperature, top_p, top_k, seeds, steps, attend_len: int | None = None):
   """Verifies a batch of trees in one target forward and compacts the accepted paths.
 
   Args:
@@ -56,28 +58,31 @@ def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, 
     temperature, top_p, top_k: [B] sampling parameters (temperature 0 = greedy).
     seeds, steps: [B] uint32 request seed and int32 step; the lane's PRNG key is
       fold_in(PRNGKey(seed), step), so a request's randomness does not depend on batching.
+    attend_len: static; attention reads cache rows [0, attend_len) only (default: all max_len
+      rows). It must cover every live lane's prefix and tree: max(prefix_len) + N <= attend_len
+      (`kv_cache.attend_rows` picks a bucket); rows past it are neither read nor written.
 
   Returns:
     cache; path_nodes [B, N] (accepted node indices in depth order, root first, -1 padded);
     path_len [B] (root included); bonus [B]; target_tokens [B, N] (the target's sample at every
     node, for statistics and tests).
   """
-  model = nnx.merge(graphdef.graphdef, model_state)
+  model = transformer.bind(graphdef, model_state)
   keys = request_keys(seeds, steps)
   batch, capacity = tokens.shape
-  max_len = cache.max_len
+  attend_len = min(attend_len or cache.max_len, cache.max_len)
   node = jnp.arange(capacity, dtype=jnp.int32)
   valid = node[None, :] < num_nodes[:, None]  # [B, N]
   ancestors = jax.vmap(tree_lib.ancestors_from_parents)(parents, valid)  # [B, N, N]
   depth = jax.vmap(tree_lib.depth_from_ancestors)(ancestors)
 
   write_rows = jnp.where(valid, prefix_len[:, None] + node[None, :], kv.DROP_ROW)
-  rows = jnp.arange(max_len, dtype=jnp.int32)
+  rows = jnp.arange(attend_len, dtype=jnp.int32)
   relative = rows[None, :] - prefix_len[:, None]  # [B, S]: tree node held by row, if any
   in_tree = (relative >= 0) & (relative < capacity)
   tree_part = jnp.take_along_axis(
       ancestors, jnp.broadcast_to(jnp.clip(relative, 0, capacity - 1)[:, None, :],
-                                  (batch, capacity, max_len)), axis=2)
+                                  (batch, capacity, attend_len)), axis=2)
   mask = (rows[None, None, :] < prefix_len[:, None, None]) | (in_tree[:, None, :] & tree_part)
   mask = mask & valid[:, :, None]
   logits, cache = model(tokens, prefix_len[:, None] + depth, mask, cache, slots, write_rows)
@@ -98,4 +103,4 @@ def verify(graphdef, model_state, cache: kv.KVCache, slots, prefix_len, tokens, 
   # A jitted callee inside this jit is inlined; the donation is this function's own.
   cache = kv.compact_rows(cache, slots, prefix_len[:, None] + jnp.maximum(path_nodes, 0),
                           prefix_len, path_len)
-  return cache, path_nodes, path_len, bonus, target_tokens
+  return sharding.constrain_cache(cache), path_nodes, path_len, bonus, target_tokens
