@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from specedge_jax.engine.clock import DeviceClock
+from specedge_jax.models import kv_cache as kv
 from specedge_jax.spec import prefill as prefill_lib
 
 
@@ -29,8 +30,12 @@ def chunk_sizes(prefill_chunk: int) -> tuple[int, ...]:
 
 
 def prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start: int,
-            chunk_sizes: tuple[int, ...], clock: DeviceClock | None = None):
-  """Writes `token_ids` at rows start.. of `slot` in fixed-size chunks; returns last logits."""
+            chunk_sizes: tuple[int, ...], clock: DeviceClock | None = None,
+            attend_buckets: tuple[int, ...] | None = None):
+  """Writes `token_ids` at rows start.. of `slot` in fixed-size chunks; returns last logits.
+
+  With `attend_buckets` (`kv_cache.attend_buckets`), each chunk attends over the smallest bucket
+  of rows that holds it instead of the whole slot."""
   token_ids = np.asarray(token_ids, np.int32)
   position = start
   logits = None
@@ -40,8 +45,9 @@ def prefill(graphdef, state, cache, slot: int, token_ids: Sequence[int], start: 
     count = min(chunk, remaining)
     buffer = np.zeros(chunk, np.int32)
     buffer[:count] = token_ids[position - start:position - start + count]
+    attend_len = kv.attend_rows(position + chunk, attend_buckets) if attend_buckets else None
     cache, logits = (clock or DeviceClock())(
         prefill_lib.prefill_chunk, graphdef, state, cache, np.int32(slot), buffer,
-        np.int32(position), np.int32(count))
+        np.int32(position), np.int32(count), attend_len=attend_len)
     position += count
   return cache, logits

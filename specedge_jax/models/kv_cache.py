@@ -56,6 +56,31 @@ class KVCache:
     return self.k.size * self.k.dtype.itemsize * 2
 
 
+def attend_buckets(max_len: int, min_rows: int) -> tuple[int, ...]:
+  """The attended-row counts a cache of `max_len` rows compiles for: min_rows, 2 min_rows, 4 ...
+  up to max_len (always included). `min_rows` >= max_len gives the single bucket max_len, i.e.
+  attention over every row. A fixed, logarithmic set, so the compile count stays small."""
+  if min_rows < 1:
+    raise ValueError(f"the smallest attention bucket must be >= 1 rows, got {min_rows}")
+  sizes, size = [], min_rows
+  while size < max_len:
+    sizes.append(size)
+    size *= 2
+  return tuple(sizes) + (max_len,)
+
+
+def attend_rows(needed: int, buckets: tuple[int, ...]) -> int:
+  """The smallest bucket that holds `needed` rows (the longest live prefix plus new tokens in a
+  batch); the largest bucket when none does (writes past it are dropped anyway)."""
+  return next((b for b in buckets if b >= needed), buckets[-1])
+
+
+def reachable_buckets(buckets: tuple[int, ...], min_needed: int) -> tuple[int, ...]:
+  """The buckets `attend_rows` can return when at least `min_needed` rows are needed (what an
+  engine's warm-up compiles)."""
+  return tuple(b for b in buckets if b >= min_needed) or buckets[-1:]
+
+
 def write_layer(cache_layers: jax.Array, layer: jax.Array, slots: jax.Array, rows: jax.Array,
                 values: jax.Array) -> jax.Array:
   """Writes new rows of one layer into a stacked cache array.
