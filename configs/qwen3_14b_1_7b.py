@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
           "prefill_cache_entries": 64,
           "session_timeout_s": 30.0,  # the lease: a silent client's slot comes back after it
           "max_sessions_per_client": 4,  # a drafter runs requests_per_drafter sessions
+          "attention_min_rows": 256,  # live-prefix buckets 256, 512, ... max_len
+          "mesh_shape": "",  # e.g. "model=2" on two GPUs (launch.verifier --mesh_shape)
+          "device_memory_gb": 0.0,  # the memory planner asks the device
+          "memory_headroom": 0.9,
           "batching": {"mode": "dynamic", "max_wait_ms": 1.0, "static_timeout_s": 5.0},
       },
       "edge": {

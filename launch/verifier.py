@@ -10,10 +10,15 @@ call but the health service must then carry its client's token. See serving/secu
 
 --metrics_port serves Prometheus metrics (`specedge_` names; measure/prometheus.py).
 
+--mesh_shape=model=4 shards the target over 4 devices (models/sharding.py). Before loading any
+weight the memory planner (engine/memory_plan.py) prints per-device bytes and refuses, with what
+would fit, a configuration over the devices' memory.
+
 Serves until SIGINT/SIGTERM. See specedge_jax/serving/verifier.py for threads and batching.
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -21,6 +26,8 @@ import sys
 from absl import app, flags
 
 from launch import serving_flags
+from specedge_jax.engine import memory_plan
+from specedge_jax.models import sharding
 from specedge_jax.serving import runners, security
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: all).")
@@ -37,6 +44,10 @@ _METRICS_PORT = flags.DEFINE_integer(
     "(0 picks a free port); unset: no metrics endpoint.")
 _METRICS_HOST = flags.DEFINE_string("metrics_host", "127.0.0.1",
                                     "Interface of the metrics endpoint.")
+_MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape", None, "Shard the target over devices: 'model=N' (tensor parallelism over "
+    "heads and the MLP, KV cache over kv heads) or 'data=D,model=N' (slots split over D); "
+    "overrides --config.server.mesh_shape. Unset: the config's (default one device).")
 
 
 def main(argv):
@@ -49,13 +60,23 @@ def main(argv):
     server_security.require_allowed()
   except security.SecurityConfigError as e:
     raise app.UsageError(str(e)) from None
+  config = serving_flags.serving_config()
+  if _MESH_SHAPE.value is not None:
+    try:
+      config = dataclasses.replace(
+          config, server=dataclasses.replace(config.server, mesh_shape=_MESH_SHAPE.value))
+    except ValueError as e:
+      raise app.UsageError(f"--mesh_shape: {e}") from None
   serving_flags.setup_process()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  asyncio.run(runners.serve_verifier(
-      serving_flags.serving_config(), host=_HOST.value, port=_PORT.value,
-      port_file=_PORT_FILE.value, events_path=serving_flags.EVENT_LOG.value,
-      run_id=serving_flags.RUN_ID.value, security=server_security,
-      metrics_port=_METRICS_PORT.value, metrics_host=_METRICS_HOST.value))
+  try:
+    asyncio.run(runners.serve_verifier(
+        config, host=_HOST.value, port=_PORT.value,
+        port_file=_PORT_FILE.value, events_path=serving_flags.EVENT_LOG.value,
+        run_id=serving_flags.RUN_ID.value, security=server_security,
+        metrics_port=_METRICS_PORT.value, metrics_host=_METRICS_HOST.value))
+  except (memory_plan.MemoryPlanError, sharding.MeshError) as e:  # before any weight was read
+    sys.exit(f"verifier: {e}")
   # Served and shut down: the server is stopped and the event log closed. Leave without the
   # interpreter's teardown, whose C++ static destructors of torch (loaded by transformers with
   # the tokenizer) take ~2 s of CPU to unregister its operators: time a local run's drafters,

@@ -4,6 +4,11 @@ import os
 
 # Keep JAX on CPU with deterministic float32 matmuls, and let XLA use both cores.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Four host devices, so the sharded verifier's tests have a mesh to shard over (unsharded code
+# still runs on device 0). Must be set before JAX initializes its backend.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4").strip()
 
 import pytest
 from absl import flags

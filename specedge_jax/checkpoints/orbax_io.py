@@ -25,6 +25,7 @@ name map (`hf.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -171,7 +172,8 @@ def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str]:
 
 
 def restore_params(path: str | os.PathLike, dtype: str | None = None,
-                   sharding: jax.sharding.Sharding | None = None) -> tuple[ModelConfig, dict]:
+                   sharding: jax.sharding.Sharding | None = None,
+                   sharding_for: ShardingFor | None = None) -> tuple[ModelConfig, dict]:
   """Restores (config, params as jax arrays) against an abstract tree; nothing is initialized.
 
   Leaves are read as host arrays and then moved to `sharding` one at a time, each host copy
@@ -183,6 +185,9 @@ def restore_params(path: str | os.PathLike, dtype: str | None = None,
     path: a directory written by `save`.
     dtype: cast parameters to this dtype while reading (e.g. "bf16"); default: as saved.
     sharding: where the arrays live; default: the first local device.
+    sharding_for: or a placement per leaf, `(config, key path, shape) -> Sharding`
+      (`models.sharding.placement_for(mesh)`), so that a sharded target is never whole on one
+      device.
   """
   path = os.path.abspath(path)
   config, saved_dtype = read_metadata(path)
@@ -206,7 +211,7 @@ def restore_params(path: str | os.PathLike, dtype: str | None = None,
       raise CheckpointError(f"{path}: parameter {jax.tree_util.keystr(key)} has shape "
                             f"{tuple(have.shape)}; the config's model expects {want.shape}")
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return config, _to_device_consuming(params, sharding)
+  return config, _to_device_consuming(params, sharding, _bound(sharding_for, config))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,8 +233,21 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: str = "bf16", *, overwrite: boo
   return config
 
 
+def checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, str]:
+  """(config, stored parameter dtype name) of an orbax dir or an HF folder, reading no weight:
+  what the verifier's memory planner needs before it loads anything."""
+  path = os.fspath(path)
+  if is_orbax_checkpoint(path):
+    return read_metadata(path)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return hf.hf_config(path), "fp32"  # load_model's default for HF folders
+  raise CheckpointError(f"{path} is neither a specedge orbax checkpoint ({METADATA_FILE}) nor "
+                        "an HF folder (config.json)")
+
+
 def load_model(path: str | os.PathLike, dtype: str | None = None,
-               compute_dtype: Any = None) -> Transformer:
+               compute_dtype: Any = None,
+               sharding_for: ShardingFor | None = None) -> Transformer:
   """A live `Transformer` from EITHER an orbax checkpoint dir (ours) OR an HF folder.
 
   Args:
@@ -237,16 +255,17 @@ def load_model(path: str | os.PathLike, dtype: str | None = None,
       model.safetensors (or an index and shards).
     dtype: parameter dtype ("fp32", "bf16", "fp16"); default: as stored (orbax) or fp32 (HF).
     compute_dtype: activation dtype; default: the parameter dtype.
+    sharding_for: place each leaf as it is read (see `restore_params`); default: device 0.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path} is not a directory")
   if is_orbax_checkpoint(path):
-    config, params = restore_params(path, dtype=dtype)
+    config, params = restore_params(path, dtype=dtype, sharding_for=sharding_for)
   elif os.path.isfile(os.path.join(path, "config.json")):
     config, params = hf.load_hf_params(path, dtype=dtype or "fp32")
     # Move leaves to the device one at a time, dropping each host copy as we go.
-    params = _to_device_consuming(params)
+    params = _to_device_consuming(params, None, _bound(sharding_for, config))
   else:
     raise CheckpointError(f"{path} is neither a specedge orbax checkpoint ({METADATA_FILE}) nor "
                           "an HF folder (config.json)")
@@ -254,15 +273,27 @@ def load_model(path: str | os.PathLike, dtype: str | None = None,
   return hf.build_model(config, params, dtype=compute)
 
 
-def _to_device_consuming(tree: dict, sharding: jax.sharding.Sharding | None = None) -> dict:
-  """Replaces each host leaf of `tree` (in place) by a device array, one leaf at a time.
+# (config, key path of a parameter leaf, its shape) -> where the leaf goes.
+ShardingFor = Callable[[ModelConfig, tuple, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def _bound(sharding_for: ShardingFor | None, config: ModelConfig):
+  return None if sharding_for is None else functools.partial(sharding_for, config)
+
+
+def _to_device_consuming(tree: dict, sharding: jax.sharding.Sharding | None = None,
+                         sharding_for=None, path: tuple = ()) -> dict:
+  """Replaces each host leaf of `tree` (in place) by a device array, one leaf at a time, at
+  `sharding_for(key path, shape)` when given, else at `sharding`.
 
   The caller must hold no other reference to the host arrays, or they are not freed.
   """
   for key, value in tree.items():
+    key_path = path + (jax.tree_util.DictKey(key),)
     if isinstance(value, dict):
-      tree[key] = _to_device_consuming(value, sharding)
+      tree[key] = _to_device_consuming(value, sharding, sharding_for, key_path)
     else:
-      tree[key] = jax.device_put(value, sharding)
+      where = sharding_for(key_path, tuple(value.shape)) if sharding_for else sharding
+      tree[key] = jax.device_put(value, where)
     del value
   return tree

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specedge_jax.models import kv_cache as kv
+from specedge_jax.models import sharding
 
 _MIN_BUCKET = 8
 
@@ -86,8 +87,8 @@ def _write_rows(cache: kv.KVCache, slot: jax.Array, k_rows: jax.Array, v_rows: j
   bucket = k_rows.shape[1]
   index = jnp.arange(bucket, dtype=jnp.int32)
   rows = jnp.where(index < count, index, kv.DROP_ROW)
-  return kv.KVCache(k=cache.k.at[:, slot, rows].set(k_rows.astype(cache.k.dtype), mode="drop"),
-                    v=cache.v.at[:, slot, rows].set(v_rows.astype(cache.v.dtype), mode="drop"))
+  return sharding.constrain_cache(kv.KVCache(k=cache.k.at[:, slot, rows].set(k_rows.astype(cache.k.dtype), mode="drop"),
+                    v=cache.v.at[:, slot, rows].set(v_rows.astype(cache.v.dtype), mode="drop")))
 
 
 def read_snapshot(cache: kv.KVCache, slot: int, prompt_ids: tuple[int, ...],

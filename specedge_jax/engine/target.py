@@ -13,6 +13,7 @@ serving never recompiles. Not thread-safe: one owner thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Sequence
@@ -26,6 +27,7 @@ from specedge_jax.engine import prefill as prefill_lib
 from specedge_jax.engine import prefix_cache
 from specedge_jax.engine.clock import DeviceClock
 from specedge_jax.models import kv_cache as kv
+from specedge_jax.models import sharding as sharding_lib
 from specedge_jax.models.transformer import split_model
 from specedge_jax.spec import prefill as spec_prefill
 from specedge_jax.spec import sampling as sampling_lib
@@ -50,13 +52,24 @@ class TargetEngine:
 
   def __init__(self, model, *, num_slots: int, max_len: int, max_tree_nodes: int,
                max_batch_size: int, prefill_chunk: int = 64, eos_token_ids: Sequence[int] = (),
-               cache_dtype=None):
+               cache_dtype=None, attention_min_rows: int = 128,
+               mesh: jax.sharding.Mesh | None = None):
+    """`attention_min_rows`: the smallest live-prefix bucket (`kv_cache.attend_buckets`); a
+    value >= max_len attends over every row, as before buckets. `mesh`: shard the weights and
+    the cache over it (`models/sharding.py`); None keeps everything on one device."""
     if max_tree_nodes < 1 or max_batch_size < 1 or num_slots < 1:
       raise ValueError("num_slots, max_tree_nodes and max_batch_size must be >= 1")
     self.config = model.config
-    self.graphdef, self.state = split_model(model)
     dtype = cache_dtype or model.dtype
+    # Per-layer weight arrays: the compiled verify then slices no weight out of a stacked array
+    # inside a layer loop (models/hlo.py; tests/models/test_hlo.py).
+    self.graphdef, self.state = split_model(model, layerwise=True)
     self.cache = kv.KVCache.init(self.config, num_slots, max_len, dtype)
+    self.mesh = mesh
+    if mesh is not None:
+      self.state, self.cache = sharding_lib.shard_engine_arrays(self.config, mesh, self.state,
+                                                                self.cache)
+    self.attend_buckets = kv.attend_buckets(max_len, attention_min_rows)
     self.num_slots, self.max_len = num_slots, max_len
     self.max_tree_nodes, self.max_batch_size = max_tree_nodes, max_batch_size
     self.chunk_sizes = prefill_lib.chunk_sizes(prefill_chunk)
@@ -65,6 +78,11 @@ class TargetEngine:
     self._sessions: dict[int, _TargetSession] = {}
     self.last_forward_s = 0.0  # wall time of the last verify/decode/prefill device call
     self.clock = DeviceClock()
+
+  def _placement(self):
+    """The context device calls run in: the mesh, so jitted code pins the cache's sharding
+    (`sharding.constrain_cache`); nothing without one."""
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   @property
   def num_free_slots(self) -> int:
@@ -89,7 +107,8 @@ class TargetEngine:
     return self._open_slot(
         prompt, sampling, seed, max_new_tokens,
         fill=lambda cache, slot: prefill_lib.prefill(self.graphdef, self.state, cache, slot,
-                                                     prompt, 0, self.chunk_sizes, self.clock))
+                                                     prompt, 0, self.chunk_sizes, self.clock,
+                                                     self.attend_buckets))
 
   def open_resumed(self, prompt_ids: Sequence[int], generated_ids: Sequence[int], rounds: int,
                    sampling: SamplingParams, seed: int, max_new_tokens: int) -> int:
@@ -115,7 +134,8 @@ class TargetEngine:
     start = time.perf_counter()
     slot, _ = self._fill_free_slot(
         lambda cache, slot: prefill_lib.prefill(self.graphdef, self.state, cache, slot, known, 0,
-                                                self.chunk_sizes, self.clock))
+                                                self.chunk_sizes, self.clock,
+                                                self.attend_buckets))
     self.last_forward_s = time.perf_counter() - start
     self._sessions[slot] = _TargetSession(
         prompt_ids=tuple(int(t) for t in prompt), prefix_len=int(known.size),
@@ -137,7 +157,8 @@ class TargetEngine:
     start = time.perf_counter()
     slot, _ = self._fill_free_slot(
         lambda cache, slot: prefill_lib.prefill(self.graphdef, self.state, cache, slot, known, 0,
-                                                self.chunk_sizes, self.clock))
+                                                self.chunk_sizes, self.clock,
+                                                self.attend_buckets))
     self.last_forward_s = time.perf_counter() - start
     self._sessions[slot] = _TargetSession(
         prompt_ids=tuple(int(t) for t in prompt), prefix_len=int(known.size),
@@ -170,7 +191,8 @@ class TargetEngine:
     def restore(cache, slot: int):
       cache = prefix_cache.write_snapshot(cache, slot, snapshot)
       return prefill_lib.prefill(self.graphdef, self.state, cache, slot, prompt[-1:],
-                                 snapshot.rows, self.chunk_sizes, self.clock)
+                                 snapshot.rows, self.chunk_sizes, self.clock,
+                                 self.attend_buckets)
 
     return self._open_slot(prompt, sampling, seed, max_new_tokens, fill=restore)
 
@@ -193,7 +215,8 @@ class TargetEngine:
       raise api.SlotsExhausted(f"all {self.num_slots} slots are busy")
     slot = self._free.pop(0)
     try:
-      self.cache, out = fill(self.cache, slot)
+      with self._placement():
+        self.cache, out = fill(self.cache, slot)
     except BaseException:
       self._free.append(slot)
       self._free.sort()
@@ -264,11 +287,13 @@ class TargetEngine:
       params.append(session.sampling)
     params += [api.GREEDY] * (batch - len(requests))
     stacked = sampling_lib.stack_params(params)
+    attend_len = kv.attend_rows(int(prefix_len.max()) + capacity, self.attend_buckets)
     start = time.perf_counter()
-    self.cache, path_nodes, path_len, bonus, _ = self.clock(
-        verify_lib.verify, self.graphdef, self.state, self.cache, slots, prefix_len, tokens,
-        parents, num_nodes, stacked["temperature"], stacked["top_p"], stacked["top_k"], seeds,
-        steps)
+    with self._placement():
+      self.cache, path_nodes, path_len, bonus, _ = self.clock(
+          verify_lib.verify, self.graphdef, self.state, self.cache, slots, prefix_len, tokens,
+          parents, num_nodes, stacked["temperature"], stacked["top_p"], stacked["top_k"], seeds,
+          steps, attend_len=attend_len)
     path_nodes, path_len, bonus = jax.device_get((path_nodes, path_len, bonus))
     self.last_forward_s = time.perf_counter() - start
     results = []
@@ -303,24 +328,32 @@ class TargetEngine:
     return self._run(requests, 1)
 
   def warmup(self, decode: bool = True, prefill_snapshots: bool = False) -> None:
-    """Compiles every batch bucket of verify (and decode), both prefill chunk sizes and
-    first-token sampling; with `prefill_snapshots`, the snapshot copies in both directions."""
+    """Compiles every batch bucket of verify (and decode) at every attention bucket, both
+    prefill chunk sizes at every attention bucket they reach, and first-token sampling; with
+    `prefill_snapshots`, the snapshot copies in both directions."""
+    with self._placement():
+      self._warmup(decode, prefill_snapshots)
+
+  def _warmup(self, decode: bool, prefill_snapshots: bool) -> None:
     sizes = sorted({prefill_lib.bucket(b, self.max_batch_size)
                     for b in range(1, self.max_batch_size + 1)})
     # Lanes with num_nodes 0 and prefill chunks with count 0 write nothing (all rows dropped),
     # so warm-up compiles every variant without touching any slot.
     for capacity in ([self.max_tree_nodes, 1] if decode else [self.max_tree_nodes]):
-      for size in sizes:
-        zeros = np.zeros(size, np.int32)
-        self.cache, *_ = verify_lib.verify(
-            self.graphdef, self.state, self.cache, zeros, zeros,
-            np.zeros((size, capacity), np.int32), np.full((size, capacity), -1, np.int32),
-            zeros, np.zeros(size, np.float32), np.ones(size, np.float32), zeros,
-            np.zeros(size, np.uint32), zeros)
+      for attend_len in kv.reachable_buckets(self.attend_buckets, capacity):
+        for size in sizes:
+          zeros = np.zeros(size, np.int32)
+          self.cache, *_ = verify_lib.verify(
+              self.graphdef, self.state, self.cache, zeros, zeros,
+              np.zeros((size, capacity), np.int32), np.full((size, capacity), -1, np.int32),
+              zeros, np.zeros(size, np.float32), np.ones(size, np.float32), zeros,
+              np.zeros(size, np.uint32), zeros, attend_len=attend_len)
     for chunk in self.chunk_sizes:
-      self.cache, _ = spec_prefill.prefill_chunk(self.graphdef, self.state, self.cache,
-                                                 np.int32(0), np.zeros(chunk, np.int32),
-                                                 np.int32(0), np.int32(0))
+      for attend_len in kv.reachable_buckets(self.attend_buckets, chunk):
+        self.cache, _ = spec_prefill.prefill_chunk(self.graphdef, self.state, self.cache,
+                                                   np.int32(0), np.zeros(chunk, np.int32),
+                                                   np.int32(0), np.int32(0),
+                                                   attend_len=attend_len)
     # One real open compiles the rest of the open path (first-token sampling).
     slot, _, _ = self.open([0], api.GREEDY, 0, 1)
     if prefill_snapshots:

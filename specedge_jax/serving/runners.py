@@ -20,6 +20,7 @@ import grpc
 
 from specedge_jax.engine import DraftEngine, TargetEngine, prefix_cache
 from specedge_jax.measure.events import EventLog
+from specedge_jax.models import sharding as sharding_lib
 from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
 from specedge_jax.serving import prefill_store
@@ -42,21 +43,58 @@ def event_log(path: str | None, system: str) -> EventLog | None:
   return EventLog(path, system) if path else None
 
 
+def plan_target_memory(config: ServingConfig, mesh=None):
+  """The verifier's memory plan (engine/memory_plan.py) from the checkpoint's config alone;
+  raises MemoryPlanError, before any weight is read, when it does not fit the devices."""
+  from specedge_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+  from specedge_jax.checkpoints.hf import DTYPES  # pylint: disable=g-import-not-at-top
+  from specedge_jax.engine import memory_plan  # pylint: disable=g-import-not-at-top
+
+  server = config.server
+  model_config, stored_dtype = orbax_io.checkpoint_config(config.models.target)
+  device_bytes, label = memory_plan.device_capacity(
+      None if mesh is None else list(mesh.devices.flat))
+  if server.device_memory_gb:
+    device_bytes, label = (int(server.device_memory_gb * memory_plan.GIB),
+                           "server.device_memory_gb")
+  dtype = DTYPES[config.models.dtype or stored_dtype]
+  plan = memory_plan.plan(
+      model_config, param_dtype=dtype, max_len=server.max_len, num_slots=server.num_slots,
+      max_batch_size=server.max_batch_size, max_tree_nodes=config.max_tree_nodes,
+      mesh=sharding_lib.parse_mesh_shape(server.mesh_shape), device_bytes=device_bytes,
+      device_label=label, headroom=server.memory_headroom)
+  _log.info("%s", plan.table())
+  memory_plan.check_fits(plan)
+  return plan
+
+
 def build_target_engine(config: ServingConfig, model=None, *,
                         decode: bool = True) -> TargetEngine:
   """The verifier's engine, warmed up (every batch bucket, prefill chunk and snapshot copy).
 
-  `decode` False skips the decode programs (a third of the warm-up), which only the
-  autoregressive baseline runs; a SpecEdge verifier only verifies."""
+  Its memory is planned first and a configuration that does not fit is refused before any
+  weight is read (`plan_target_memory`). With `server.mesh_shape`, each weight is placed on its
+  shards as it is read. `decode` False skips the decode programs (a third of the warm-up),
+  which only the autoregressive baseline runs; a SpecEdge verifier only verifies."""
   # The "... loaded in" / "... warmed up in" lines mark start-up phases (bench/startup.py).
+  server = config.server
+  shape = sharding_lib.parse_mesh_shape(server.mesh_shape)
+  mesh = sharding_lib.make_mesh(shape) if shape["data"] * shape["model"] > 1 else None
+  if model is None:
+    plan_target_memory(config, mesh)
   start = time.perf_counter()
-  model = model or load_model(config.models.target, config.models.dtype)
+  if model is None:
+    from specedge_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
+
+    model = orbax_io.load_model(
+        config.models.target, dtype=config.models.dtype or None,
+        sharding_for=sharding_lib.placement_for(mesh) if mesh is not None else None)
   loaded = time.perf_counter()
   _log.info("target model loaded in %.2f s", loaded - start)
-  server = config.server
   engine = TargetEngine(model, num_slots=server.num_slots, max_len=server.max_len,
                         max_tree_nodes=config.max_tree_nodes,
-                        max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk)
+                        max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk,
+                        attention_min_rows=server.attention_min_rows, mesh=mesh)
   engine.warmup(decode=decode, prefill_snapshots=server.prefill_cache_entries > 0)
   _log.info("target engine warmed up in %.2f s", time.perf_counter() - loaded)
   return engine

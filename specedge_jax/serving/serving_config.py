@@ -15,6 +15,7 @@ import os
 from typing import Any, Mapping
 
 from specedge_jax.api import ProactiveParams, SamplingParams, TreeParams
+from specedge_jax.mesh_shape import parse_mesh_shape
 
 WORKLOAD_SOURCES = ("embedded", "c4", "mtbench", "oasst", "wikitext", "specbench")
 BATCHING_MODES = ("static", "dynamic")
@@ -83,6 +84,17 @@ class ServerConfig:
   admission_queue: int = 16
   admission_wait_s: float = 10.0
   batching: BatchingConfig = BatchingConfig()
+  # Live-prefix attention: verify and prefill read the smallest power-of-two bucket of rows
+  # (from this one up to max_len) that holds the batch's longest prefix plus its tree; each
+  # bucket is one more compiled program per batch size. >= max_len attends over every row.
+  attention_min_rows: int = 128
+  # The target's devices: 'model=N' shards weights and cache over N devices (tensor
+  # parallelism), 'data=D,model=N' also splits the slots over D groups; '' is one device.
+  mesh_shape: str = ""
+  # The memory planner's device size in GiB (0: what the device reports; on CPU the host's
+  # memory over the devices) and the fraction of it the verifier may plan to use.
+  device_memory_gb: float = 0.0
+  memory_headroom: float = 0.9
 
   def __post_init__(self):
     for name in ("num_slots", "max_batch_size", "max_len", "prefill_chunk"):
@@ -100,6 +112,14 @@ class ServerConfig:
       raise ValueError("server.admission_queue must be >= 0 and admission_wait_s > 0")
     if not self.drain_s >= 0:
       raise ValueError(f"server.drain_s must be >= 0, got {self.drain_s}")
+    if self.attention_min_rows < 1:
+      raise ValueError(f"server.attention_min_rows must be >= 1, got {self.attention_min_rows}")
+    mesh = parse_mesh_shape(self.mesh_shape)  # a malformed shape fails here, by name
+    if self.num_slots % mesh["data"]:
+      raise ValueError(f"server.num_slots {self.num_slots} is not a multiple of the mesh's data "
+                       f"axis {mesh['data']}")
+    if not self.device_memory_gb >= 0 or not 0 < self.memory_headroom <= 1:
+      raise ValueError("server.device_memory_gb must be >= 0 and memory_headroom in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
