@@ -5,6 +5,8 @@
   python -m launch.local --verifier_cpus=0 --drafter_cpus=1 --config.edge.simulated_rtt_ms=14
   python -m launch.local --serve [--http_port=8000 --http_host=127.0.0.1]
   python -m launch.local --reference_yaml=specedge.example.yaml   # a reference config file
+  python -m launch.local --netns [--netns_rtt_ms=14 --netns_jitter_ms=1 --netns_loss_pct=0.1]
+  python -m launch.local --netns --netns_rtts=5,14,40 --config.edge.num_drafters=3
 
 Starts `launch.verifier` and `edge.num_drafters` x `launch.drafter` as child processes, shows
 progress, and prints the run summary (tokens/s, inter-token latency, accepted tokens per step,
@@ -13,6 +15,9 @@ With --serve, one drafter serves the OpenAI-compatible HTTP API and a chat page 
 are printed) until Ctrl-C; no workload, baselines or summary.
 The verifier and drafters talk over mutual TLS with one bearer token per drafter, from a test CA
 written into <out_dir>/security/; --insecure_local runs them in plaintext instead.
+With --netns (root or CAP_NET_ADMIN) the verifier and each drafter run in network namespaces of
+their own over links with a real RTT, jitter and loss (serving/netns.py; tc netem, or a TUN
+relay where the kernel has no netem); edge.simulated_rtt_ms is then 0.
 """
 
 import os
@@ -24,7 +29,7 @@ from ml_collections import config_flags
 from rich.console import Console
 
 from launch import serving_flags
-from specedge_jax.serving import local, processes, reference_config
+from specedge_jax.serving import local, netns, processes, reference_config
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Run folder; default runs/local-<time>.")
 _REFERENCE_YAML = flags.DEFINE_string(
@@ -46,6 +51,20 @@ _HTTP_PORT = flags.DEFINE_integer("http_port", local.LocalOptions.http_port,
                                   "--serve: the HTTP port (0 picks a free one).")
 _HTTP_HOST = flags.DEFINE_string("http_host", local.LocalOptions.http_host,
                                  "--serve: the HTTP interface (0.0.0.0: all).")
+_NETNS = flags.DEFINE_bool(
+    "netns", False, "Run the verifier and each drafter in a network namespace of its own, over "
+    "links with a real RTT (needs root or CAP_NET_ADMIN); sets edge.simulated_rtt_ms to 0.")
+_NETNS_RTT_MS = flags.DEFINE_float("netns_rtt_ms", netns.NetnsConfig.rtt_ms,
+                                   "--netns: round-trip time of every drafter's link (ms).")
+_NETNS_JITTER_MS = flags.DEFINE_float("netns_jitter_ms", netns.NetnsConfig.jitter_ms,
+                                      "--netns: uniform +- jitter of each direction (ms).")
+_NETNS_LOSS_PCT = flags.DEFINE_float("netns_loss_pct", netns.NetnsConfig.loss_pct,
+                                     "--netns: packet loss of each direction (percent).")
+_NETNS_RTTS = flags.DEFINE_list("netns_rtts", [], "--netns: one RTT per drafter (ms), e.g. "
+                                "5,14,40, instead of --netns_rtt_ms.")
+_NETNS_SHAPER = flags.DEFINE_enum(
+    "netns_shaper", netns.NetnsConfig.shaper, netns.SHAPERS, "--netns: tc netem, a userspace "
+    "TUN relay (kernels without sch_netem), or auto (netem where available).")
 
 
 def main(argv):
@@ -58,20 +77,30 @@ def main(argv):
           _REFERENCE_YAML.value), config_flags.get_override_values(flags.FLAGS["config"]))
     out_dir = _OUT_DIR.value or fields.get("out_dir") or os.path.join(
         "runs", time.strftime("local-%Y%m%d-%H%M%S"))
+    netns_config = None
+    if _NETNS.value:
+      try:
+        rtts = tuple(float(rtt) for rtt in _NETNS_RTTS.value)
+      except ValueError:
+        raise ValueError(f"--netns_rtts: expected numbers, got {_NETNS_RTTS.value}") from None
+      netns_config = netns.NetnsConfig(
+          rtt_ms=_NETNS_RTT_MS.value, jitter_ms=_NETNS_JITTER_MS.value,
+          loss_pct=_NETNS_LOSS_PCT.value, drafter_rtts_ms=rtts, shaper=_NETNS_SHAPER.value)
     options = local.LocalOptions(
         out_dir=out_dir, verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),
         drafter_cpus=processes.parse_cpus(_DRAFTER_CPUS.value),
         baselines=tuple(_BASELINES.value), compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
         insecure=_INSECURE_LOCAL.value, serve=_SERVE.value, http_port=_HTTP_PORT.value,
-        http_host=_HTTP_HOST.value)
+        http_host=_HTTP_HOST.value, netns=netns_config)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   console = Console()
   try:
     result = local.run_local(config, options, console)
-  except local.ChildFailed as e:
+  except (local.ChildFailed, netns.NetnsError) as e:
     # A child's log tail can hold brackets: printed as text, not as rich markup.
-    console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
+    message = f"--netns: {e}" if isinstance(e, netns.NetnsError) else str(e)
+    console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
     sys.exit(1)
   if not options.serve:
     local.print_summary(result, console)

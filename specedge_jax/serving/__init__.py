@@ -13,6 +13,8 @@
   workload.py       the requests of a run (embedded prompts or a benchmark set).
   runners.py        builds engines from a config and runs a verifier, a drafter or a baseline.
   processes.py      child-process plumbing; local.py the one-machine cluster behind launch/local.
+  netns.py          edges as real hosts on one machine: network namespaces over shaped links
+                    (tc netem, or link_shaper.py's userspace TUN relay where netem is missing).
 
 Serving reaches engines only through `specedge_jax.api`: runners.py, which builds them, is the
 one module that names the JAX engines; baselines.py reuses the in-process round

@@ -22,6 +22,15 @@ certificate and one bearer token per drafter into `<out_dir>/security/` (`securi
 `make_tokens`), and starts the verifier with mutual TLS and tokens and each drafter with its own
 token (read from a file, never on a command line). `LocalOptions.insecure` keeps plaintext.
 
+Edges as real hosts (`LocalOptions.netns`, `launch.local --netns`): the verifier and each drafter
+run in network namespaces of their own, joined by links that delay, jitter and drop packets
+(`netns.py`), so the RTT is real and `edge.simulated_rtt_ms` is set to 0. The verifier listens on
+its namespace's address, which the server certificate names; the drafters dial it. This process
+stays in the root namespace and never dials the verifier (it reads the port and event files), so
+it needs no link of its own; only the port holder must sit beside the verifier, so it runs there
+as a small child process (`hold_port`) on the fixed `netns.SERVER_PORT` of a namespace nothing
+else uses. The topology is torn down after the children are stopped, also on errors.
+
 Each child runs in its own process group and watches this process (`processes.py`): Ctrl-C here,
 an exception, or even `kill -9` of this process ends every child. This module only orchestrates:
 it loads no model and runs no JAX computation itself.
@@ -33,6 +42,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -45,6 +55,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from specedge_jax.measure import events as events_lib
 from specedge_jax.measure import metrics
+from specedge_jax.serving import netns as netns_lib
 from specedge_jax.serving import processes
 from specedge_jax.serving import security
 from specedge_jax.serving.baselines import BASELINES, SYSTEM_NAMES
@@ -77,6 +88,9 @@ class LocalOptions:
   serve: bool = False
   http_port: int = 8000
   http_host: str = "127.0.0.1"
+  # Run the verifier and each drafter in a network namespace of its own over shaped links
+  # (netns.py); None: all in this machine's namespace, on loopback.
+  netns: netns_lib.NetnsConfig | None = None
 
   def __post_init__(self):
     unknown = [b for b in self.baselines if b not in BASELINES]
@@ -86,6 +100,9 @@ class LocalOptions:
       raise ValueError("serve mode runs no baselines")
     if not 0 <= self.http_port < 65536:
       raise ValueError(f"http_port must be in [0, 65536), got {self.http_port}")
+    if self.serve and self.netns is not None:
+      # The HTTP edge would listen inside its namespace, out of this machine's reach.
+      raise ValueError("serve mode does not run in network namespaces (--netns)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,14 +159,16 @@ class _PortHolder:
   servers set SO_REUSEPORT), so the port is never free between being chosen and being served.
   """
 
-  def __init__(self, host: str, credentials: grpc.ServerCredentials | None):
+  def __init__(self, host: str, credentials: grpc.ServerCredentials | None, port: int = 0):
     self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, self._server)
-    address = f"{host}:0"
+    address = f"{host}:{port}"
     self.port = (self._server.add_secure_port(address, credentials) if credentials is not None
                  else self._server.add_insecure_port(address))
+    if not self.port:
+      raise RuntimeError(f"the port holder could not bind {address}")
     self._server.start()
 
   def release(self) -> None:
@@ -184,6 +203,32 @@ class _Files:
     return self.path("http.port")
 
 
+def hold_port(host: str, port: int, parent_pid: int, server_flags: Sequence[str]) -> None:
+  """`_PortHolder` as a process of its own, for a verifier in another network namespace, where
+  the launcher cannot bind: holds host:port until SIGTERM (then exits 0, which the launcher's
+  failure checks take as a clean stop) or until `parent_pid` is gone."""
+  holder = _PortHolder(host, _holder_credentials(server_flags), port=port)
+
+  def stop(signum, frame):
+    holder.release()
+    os._exit(0)  # pylint: disable=protected-access (no teardown of gRPC's threads to wait for)
+
+  signal.signal(signal.SIGTERM, stop)
+  processes.exit_with_parent(parent_pid)
+  while True:
+    time.sleep(3600)
+
+
+def holder_argv(host: str, port: int, server_flags: Sequence[str]) -> list[str]:
+  """The command line of `hold_port` in a child (its caller adds the namespace prefix)."""
+  # SIGTERM means "stop" (exit 0) from the first line: the launcher stops the holder once the
+  # verifier serves, which with a warm compilation cache may come before its imports are done.
+  code = ("import os, signal, sys; signal.signal(signal.SIGTERM, lambda *_: os._exit(0)); "
+          "from specedge_jax.serving import local; "
+          "local.hold_port(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])")
+  return [sys.executable, "-c", code, host, str(port), str(os.getpid()), *server_flags]
+
+
 def _common_flags(config_path: str, cpus: Sequence[int]) -> list[str]:
   flags = [f"--config_json={config_path}", f"--parent_pid={os.getpid()}"]
   if cpus:
@@ -192,36 +237,43 @@ def _common_flags(config_path: str, cpus: Sequence[int]) -> list[str]:
 
 
 def child_argvs(options: LocalOptions, num_drafters: int, *, config_path: str, port: int,
-                server_security: Sequence[str],
-                drafter_security: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+                server_security: Sequence[str], drafter_security: Sequence[Sequence[str]],
+                topology: netns_lib.NetnsTopology | None = None) -> dict[str, list[str]]:
   """The command line of every child of the SpecEdge run (serve mode: of the verifier and its
-  one HTTP drafter), by name, in start order. Pure: starts nothing, writes nothing."""
+  one HTTP drafter), by name, in start order; with a `topology`, each run in its namespace.
+  Pure: starts nothing, writes nothing."""
   files = _Files(options.out_dir, num_drafters)
-  argvs = {"verifier": processes.python_module_argv(
-      "launch.verifier", *_common_flags(config_path, options.verifier_cpus), f"--port={port}",
-      f"--port_file={files.port_file}", f"--event_log={files.events('verifier')}",
-      f"--run_id={options.run_id}", *server_security)}
+  host = topology.server_address if topology is not None else VERIFIER_HOST
+  server_prefix = topology.server_prefix if topology is not None else []
+  argvs = {"verifier": server_prefix + processes.python_module_argv(
+      "launch.verifier", *_common_flags(config_path, options.verifier_cpus), f"--host={host}",
+      f"--port={port}", f"--port_file={files.port_file}",
+      f"--event_log={files.events('verifier')}", f"--run_id={options.run_id}",
+      *server_security)}
   for i, name in enumerate(files.drafters):
     http = []
     if options.serve:
       http = [f"--http_port={options.http_port}", f"--http_host={options.http_host}",
               f"--http_port_file={files.http_port_file}"]
-    argvs[name] = processes.python_module_argv(
+    drafter_prefix = topology.drafter_prefix(i) if topology is not None else []
+    argvs[name] = drafter_prefix + processes.python_module_argv(
         "launch.drafter", *_common_flags(config_path, options.drafter_cpus),
-        f"--server={VERIFIER_HOST}:{port}", f"--client_index={i}",
+        f"--server={host}:{port}", f"--client_index={i}",
         f"--event_log={files.events(name)}", f"--run_id={options.run_id}", *drafter_security[i],
         *http)
   return argvs
 
 
-def _security_flags(out_dir: str, num_drafters: int,
-                    insecure: bool) -> tuple[list[str], list[list[str]]]:
+def _security_flags(out_dir: str, num_drafters: int, insecure: bool,
+                    host: str = VERIFIER_HOST) -> tuple[list[str], list[list[str]]]:
   """The verifier's and each drafter's security flags; writes the test PKI and tokens."""
   if insecure:
     return ["--allow_insecure"], [["--allow_insecure"] for _ in range(num_drafters)]
   folder = os.path.join(out_dir, "security")
-  # The server certificate names 127.0.0.1 (IP SAN): the drafters connect to that address.
-  pki = security.make_test_pki(folder, hosts=(VERIFIER_HOST, "localhost"))
+  # The server certificate names `host` (an IP SAN): the drafters connect to that address
+  # (127.0.0.1, or the verifier's namespace address under --netns).
+  pki = security.make_test_pki(folder, hosts=tuple(dict.fromkeys((host, VERIFIER_HOST,
+                                                                  "localhost"))))
   names = [f"edge{i}" for i in range(num_drafters)]  # the drafters' client_id (runners.py)
   tokens = security.make_tokens(folder, names)
   server = [f"--tls_cert={pki['server_cert']}", f"--tls_key={pki['server_key']}",
@@ -261,6 +313,13 @@ def run_local(config: ServingConfig, options: LocalOptions,
   In serve mode, serves until Ctrl-C or SIGTERM instead and returns no summaries."""
   timeline = {"run_local": time.time()}
   console = console or Console()
+  topology = None
+  if options.netns is not None:  # checked (RTTs per drafter, this machine) before any writing
+    topology = netns_lib.NetnsTopology(config.edge.num_drafters, options.netns)
+    netns_lib.require_supported(options.netns.shaper)
+    # The links delay every packet now: a simulated delay on top would count the RTT twice.
+    config = dataclasses.replace(config, edge=dataclasses.replace(config.edge,
+                                                                  simulated_rtt_ms=0.0))
   os.makedirs(options.out_dir, exist_ok=True)
   config_path = os.path.join(options.out_dir, "config.json")
   config.save_json(config_path)
@@ -268,8 +327,9 @@ def run_local(config: ServingConfig, options: LocalOptions,
   children = processes.ChildProcesses()
   logs: dict[str, str] = {}
   event_paths: dict[str, list[str]] = {}
-  server_flags, drafter_flags = _security_flags(options.out_dir, files.num_drafters,
-                                               options.insecure)
+  server_flags, drafter_flags = _security_flags(
+      options.out_dir, files.num_drafters, options.insecure,
+      host=topology.server_address if topology is not None else VERIFIER_HOST)
   holder = None
   try:
     # Logs append and port files signal readiness: a rerun into the same folder must not mix
@@ -278,9 +338,24 @@ def run_local(config: ServingConfig, options: LocalOptions,
                  *map(files.events, files.drafters)]:
       if os.path.exists(path):
         os.remove(path)
-    holder = _PortHolder(VERIFIER_HOST, _holder_credentials(server_flags))
-    argvs = child_argvs(options, files.num_drafters, config_path=config_path, port=holder.port,
-                        server_security=server_flags, drafter_security=drafter_flags)
+    if topology is None:
+      holder = _PortHolder(VERIFIER_HOST, _holder_credentials(server_flags))
+      port = holder.port
+    else:
+      netns_lib.cleanup_stale()  # namespaces of runs whose launcher died (kill -9)
+      with console.status("building the network namespaces ..."):
+        topology.open()
+      timeline["netns_ready"] = time.time()
+      console.print(f"{topology.describe()}; edge.simulated_rtt_ms set to 0: the RTT is real",
+                    soft_wrap=True, highlight=False)  # one line, whatever the terminal's width
+      port = netns_lib.SERVER_PORT
+      logs["port_holder"] = files.log("port_holder")
+      children.start("port_holder", topology.server_prefix + holder_argv(
+          topology.server_address, port, server_flags), logs["port_holder"],
+                     env=_child_env(options))
+    argvs = child_argvs(options, files.num_drafters, config_path=config_path, port=port,
+                        server_security=server_flags, drafter_security=drafter_flags,
+                        topology=topology)
     for name, argv in argvs.items():
       logs[name] = files.log(name)
       children.start(name, argv, logs[name], env=_child_env(options))
@@ -291,9 +366,13 @@ def run_local(config: ServingConfig, options: LocalOptions,
     with console.status(f"starting {what} (loading, compiling) ..."):
       port = _wait_for_port(files.port_file, children, logs, "verifier",
                             options.startup_timeout_s)
-      holder.release()
+      if holder is not None:
+        holder.release()
+      else:
+        children.stop("port_holder")
       timeline["verifier_serving"] = time.time()
-      console.print(f"verifier serving on {VERIFIER_HOST}:{port} (log: {logs['verifier']})")
+      host = topology.server_address if topology is not None else VERIFIER_HOST
+      console.print(f"verifier serving on {host}:{port} (log: {logs['verifier']})")
       if options.serve:
         http_port = _wait_for_port(files.http_port_file, children, logs, "drafter0",
                                    options.startup_timeout_s)
@@ -337,6 +416,8 @@ def run_local(config: ServingConfig, options: LocalOptions,
     if holder is not None:
       holder.release()  # again on the error paths; a no-op on a stopped server
     children.kill_all()
+    if topology is not None:  # after the children: nothing may still use a link
+      topology.close()
 
   all_events = list(events_lib.read_events(
       [p for paths in event_paths.values() for p in paths if os.path.exists(p)]))
