@@ -8,6 +8,8 @@ break that, and both show up in the optimized HLO that `jax.jit(...).lower(...).
   slice as a fused `dynamic-slice` before the dot, i.e. one copy of every weight per step;
 - a layout change of a weight (a `copy` or `transpose` to the shape a dot wants) does the same.
 
+`collectives` lists the cross-device communication of a sharded program (models/sharding.py).
+
 `weight_copies` finds both, by shape: an instruction that produces one layer's weight (the
 [L, ...] leaf without its layer axis) from a larger operand, or copies/transposes a weight-shaped
 array. It is a diagnostic with a test behind it (tests/models/test_hlo.py), not a general HLO
@@ -90,6 +92,22 @@ def weight_copies(hlo_text: str, weight_shapes: set[tuple[int, ...]]) -> list[We
         continue
     nbytes = int(np.prod(dims)) * _BYTES.get(match["dtype"], 4)
     found.append(WeightCopy(match["name"], match["op"], dims, nbytes))
+  return found
+
+
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(?P<shape>\(?[a-z]+\d*\[[\d,]*\][^ ]*)\s+"
+    r"(?P<op>all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
+
+
+def collectives(hlo_text: str) -> list[tuple[str, str]]:
+  """(op, result shape) of every cross-device collective in compiled HLO text: what a sharded
+  program sends between devices per call."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.match(line)
+    if match:
+      found.append((match["op"], re.sub(r"\{[^}]*\}", "", match["shape"])))
   return found
 
 

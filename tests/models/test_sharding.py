@@ -6,6 +6,7 @@ equal, speculative output equal to target-only output, donation kept, and the ca
 unchanged across calls (so no recompilation).
 """
 
+import re
 import warnings
 
 import jax
@@ -137,3 +138,31 @@ def test_sharded_speculative_greedy_equals_target_only(models):
                                             max_budget=8))
   out = E.generate(engine, prompts, draft=drafter, max_new_tokens=12)
   assert out.tokens == reference
+
+
+def test_tensor_parallel_verify_sends_two_all_reduces_per_layer_and_no_cache(models):
+  """Megatron's pattern: one all-reduce of the [B, T, D] activations after attention and one
+  after the MLP, per layer; no key or value crosses devices. The rest is sampling over the
+  vocabulary-sharded logits (this pair's LM head is untied): at most logits-sized. With a data
+  axis the lanes' rows are also gathered across it (an all-reduce of [B, S, K/m, H] per layer:
+  the known cost of that axis, WORKSPACE_NOTES.md)."""
+  from specedge_jax.bench import core as core_bench
+  from specedge_jax.models import hlo
+
+  config, target, _ = models
+  batch, nodes = 4, 9
+  args = core_bench.verify_inputs(np.random.default_rng(0), VOCAB, batch, nodes, 8)
+  found = {}
+  for name in ("model4", "data2_model2"):
+    engine = make_engine(target, sharding.make_mesh(MESHES[name]))
+    with jax.set_mesh(engine.mesh):
+      found[name] = hlo.collectives(hlo.compiled_text(
+          verify_lib.verify, engine.graphdef, engine.state, engine.cache, *args))
+  activations = f"f32[{batch},{nodes},{config.hidden_size}]"
+  for name in found:
+    assert found[name].count(("all-reduce", activations)) == 2 * config.num_layers, name
+  logits_size = batch * nodes * VOCAB
+  others = [c for c in found["model4"] if c != ("all-reduce", activations)]
+  sizes = [int(np.prod([int(d) for d in re.findall(r"\[([\d,]*)\]", shape)[0].split(",")]))
+           for _, shape in others]
+  assert others and max(sizes) <= logits_size, others
