@@ -13,7 +13,8 @@ and `generation_table`), and draws the verify curve (`plot_verify_curve`):
    (tokens per verification, bonus included) and a check that greedy outputs are identical.
 
 Also the timing-free acceptance figure behind `launch/measure_acceptance.py`: mean accepted
-tokens per verification of a pair for a few trees (`measure_acceptance`, `run_acceptance`).
+tokens per verification of a pair for a few trees, and how often each depth is reached
+(`measure_acceptance`, `run_acceptance`; `bench/gpu.py` replays it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ class VerifyPoint:
   ratio_to_t1: float = 0.0
 
 
+def verify_inputs(rng: np.random.Generator, vocab: int, batch: int, tree_tokens: int,
+                  prefix_len: int) -> tuple:
+  """The arguments of `verify_lib.verify` after (graphdef, state, cache) for B = `batch` greedy
+  lanes in slots 0..B-1, each a tree of `tree_tokens` nodes over `prefix_len` committed rows.
+
+  The tree is bushy, two levels (the root, then distinct children): the cost of a verify does not
+  depend on the shape, and siblings must carry distinct tokens."""
+  tokens = rng.integers(0, vocab, (batch, tree_tokens)).astype(np.int32)
+  parents = np.zeros((batch, tree_tokens), np.int32)
+  parents[:, 0] = -1
+  tokens[:, 1:] = (np.arange(1, tree_tokens) % vocab)[None]
+  return (np.arange(batch, dtype=np.int32), np.full(batch, prefix_len, np.int32), tokens,
+          parents, np.full(batch, tree_tokens, np.int32), np.zeros(batch, np.float32),
+          np.ones(batch, np.float32), np.zeros(batch, np.int32),
+          np.arange(batch, dtype=np.uint32), np.zeros(batch, np.int32))
+
+
 def verify_curve(target, batch_sizes: Sequence[int], tree_sizes: Sequence[int], *,
                  prefix_len: int = 128, repeats: int = 20,
                  on_point: Callable[[VerifyPoint], None] | None = None) -> list[VerifyPoint]:
@@ -57,15 +75,7 @@ def verify_curve(target, batch_sizes: Sequence[int], tree_sizes: Sequence[int], 
     cache = kv.KVCache.init(target.config, batch, prefix_len + max(tree_sizes) + 1,
                             target.dtype)
     for tree_tokens in tree_sizes:
-      tokens = rng.integers(0, vocab, (batch, tree_tokens)).astype(np.int32)
-      # A bushy two-level tree (root, then children): the cost does not depend on the shape.
-      parents = np.zeros((batch, tree_tokens), np.int32)
-      parents[:, 0] = -1
-      tokens[:, 1:] = (np.arange(1, tree_tokens) % vocab)[None]
-      args = (np.arange(batch, dtype=np.int32), np.full(batch, prefix_len, np.int32), tokens,
-              parents, np.full(batch, tree_tokens, np.int32), np.zeros(batch, np.float32),
-              np.ones(batch, np.float32), np.zeros(batch, np.int32),
-              np.arange(batch, dtype=np.uint32), np.zeros(batch, np.int32))
+      args = verify_inputs(rng, vocab, batch, tree_tokens, prefix_len)
       times = []
       for i in range(repeats + 2):  # the first call compiles, the second warms caches
         start = time.perf_counter()
@@ -320,6 +330,20 @@ class Acceptance:
   mean_accepted: float  # tokens per verification, bonus included
   steps: int
   identical: bool  # speculative output equals target-only output
+  # emitted_counts[k - 1]: verifications that emitted k tokens (k - 1 tree nodes accepted, plus
+  # the bonus). The last verification of a request counts what it emitted within
+  # max_new_tokens, as `mean_accepted` does.
+  emitted_counts: tuple[int, ...] = ()
+
+  @property
+  def by_depth(self) -> tuple[float, ...]:
+    """P(a verification emits >= d tokens) for d = 1, 2, ...: acceptance by depth. Its sum is
+    `mean_accepted`."""
+    total = sum(self.emitted_counts)
+    if not total:
+      return ()
+    tail = np.cumsum(self.emitted_counts[::-1])[::-1]
+    return tuple(float(t) / total for t in tail)
 
   def line(self) -> str:
     return (f"tree {self.tree_spec}: mean accepted tokens/verification "
@@ -337,15 +361,20 @@ def measure_acceptance(target, draft, prompts: Sequence[Sequence[int]],
                        on_result: Callable[[Acceptance], None] | None = None
                        ) -> list[Acceptance]:
   """Greedy target-only generation once, then speculative generation per tree."""
-  max_len = max(len(p) for p in prompts) + max_new_tokens + 40
-  target_engine = E.TargetEngine(target, num_slots=4, max_len=max_len, max_tree_nodes=33,
-                                 max_batch_size=4, eos_token_ids=target.config.eos_token_ids)
+  largest = max(parse_tree(spec).max_budget for spec in tree_specs)
+  max_len = max(len(p) for p in prompts) + max_new_tokens + max(40, largest + 8)
+  target_engine = E.TargetEngine(target, num_slots=4, max_len=max_len,
+                                 max_tree_nodes=max(33, largest + 1), max_batch_size=4,
+                                 eos_token_ids=target.config.eos_token_ids)
   reference = E.generate(target_engine, prompts, max_new_tokens=max_new_tokens)
   results = []
   for spec in tree_specs:
     draft_engine = E.DraftEngine(draft, num_slots=4, max_len=max_len, tree=parse_tree(spec))
     out = E.generate(target_engine, prompts, draft=draft_engine, max_new_tokens=max_new_tokens)
-    result = Acceptance(spec, out.mean_accepted, len(out.steps), out.tokens == reference.tokens)
+    emitted = [n for step in out.steps for n in step.emitted]
+    counts = np.bincount(emitted, minlength=2)[1:] if emitted else np.zeros(0, np.int64)
+    result = Acceptance(spec, out.mean_accepted, len(out.steps), out.tokens == reference.tokens,
+                        emitted_counts=tuple(int(c) for c in counts))
     results.append(result)
     if on_result:
       on_result(result)
