@@ -53,17 +53,19 @@ class TargetEngine:
   def __init__(self, model, *, num_slots: int, max_len: int, max_tree_nodes: int,
                max_batch_size: int, prefill_chunk: int = 64, eos_token_ids: Sequence[int] = (),
                cache_dtype=None, attention_min_rows: int = 128,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, consume_model: bool = False):
     """`attention_min_rows`: the smallest live-prefix bucket (`kv_cache.attend_buckets`); a
     value >= max_len attends over every row, as before buckets. `mesh`: shard the weights and
-    the cache over it (`models/sharding.py`); None keeps everything on one device."""
+    the cache over it (`models/sharding.py`); None keeps everything on one device.
+    `consume_model`: delete the model's stacked weights while splitting them per layer (peak
+    memory: the weights once, not twice); the model is unusable afterwards."""
     if max_tree_nodes < 1 or max_batch_size < 1 or num_slots < 1:
       raise ValueError("num_slots, max_tree_nodes and max_batch_size must be >= 1")
     self.config = model.config
     dtype = cache_dtype or model.dtype
     # Per-layer weight arrays: the compiled verify then slices no weight out of a stacked array
     # inside a layer loop (models/hlo.py; tests/models/test_hlo.py).
-    self.graphdef, self.state = split_model(model, layerwise=True)
+    self.graphdef, self.state = split_model(model, layerwise=True, consume=consume_model)
     self.cache = kv.KVCache.init(self.config, num_slots, max_len, dtype)
     self.mesh = mesh
     if mesh is not None:

@@ -296,19 +296,31 @@ class LayerwiseState:
   layers: tuple[nnx.State, ...]
 
 
-def split_model(model: "Transformer", *,
-                layerwise: bool = False) -> tuple[StaticGraph, nnx.State | LayerwiseState]:
+def split_model(model: "Transformer", *, layerwise: bool = False,
+                consume: bool = False) -> tuple[StaticGraph, nnx.State | LayerwiseState]:
   """(static graph, state) for passing a model into the project's jitted functions.
 
   With `layerwise`, the state is a `LayerwiseState`: the engines use it so that compiled verify,
   decode and prefill copy no weight per layer (the notes' "layer scan's weight copies"), at the
-  cost of a program that grows with depth. The model's own arrays are not kept: its stacked
-  layer weights are unstacked into new arrays and the caller should drop the model.
+  cost of a program that grows with depth. Its layer weights are new arrays (slices of the
+  stacked ones). With `consume`, each stacked array is deleted as soon as it is sliced, so the
+  peak is the weights plus one stacked leaf instead of twice the weights (a 14B target: 30 GB,
+  not 59); the model is unusable afterwards.
   """
   graphdef, state = nnx.split(model)
   if not layerwise:
     return StaticGraph(graphdef), state
-  layers = tuple(unstack_layers(model))
+  _, stacked = nnx.split(model.layers)
+  leaves, treedef = jax.tree.flatten(stacked)
+  num_layers = model.config.num_layers
+  per_layer: list[list[jax.Array]] = [[] for _ in range(num_layers)]
+  for leaf in leaves:
+    for i in range(num_layers):
+      per_layer[i].append(leaf[i])
+    if consume:
+      jax.block_until_ready(per_layer[-1][-1])
+      leaf.delete()
+  layers = tuple(jax.tree.unflatten(treedef, arrays) for arrays in per_layer)
   shell = jax.tree_util.tree_map_with_path(
       lambda path, leaf: jnp.zeros((0,), leaf.dtype) if _is_layer_path(path) else leaf, state)
   return StaticGraph(graphdef), LayerwiseState(shell=shell, layers=layers)

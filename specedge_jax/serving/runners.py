@@ -80,10 +80,11 @@ def build_target_engine(config: ServingConfig, model=None, *,
   server = config.server
   shape = sharding_lib.parse_mesh_shape(server.mesh_shape)
   mesh = sharding_lib.make_mesh(shape) if shape["data"] * shape["model"] > 1 else None
-  if model is None:
+  loads_model = model is None
+  if loads_model:
     plan_target_memory(config, mesh)
   start = time.perf_counter()
-  if model is None:
+  if loads_model:
     from specedge_jax.checkpoints import orbax_io  # pylint: disable=g-import-not-at-top
 
     model = orbax_io.load_model(
@@ -94,7 +95,8 @@ def build_target_engine(config: ServingConfig, model=None, *,
   engine = TargetEngine(model, num_slots=server.num_slots, max_len=server.max_len,
                         max_tree_nodes=config.max_tree_nodes,
                         max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk,
-                        attention_min_rows=server.attention_min_rows, mesh=mesh)
+                        attention_min_rows=server.attention_min_rows, mesh=mesh,
+                        consume_model=loads_model)  # no one else holds the model
   engine.warmup(decode=decode, prefill_snapshots=server.prefill_cache_entries > 0)
   _log.info("target engine warmed up in %.2f s", time.perf_counter() - loaded)
   return engine

@@ -5,6 +5,7 @@ one copy per layer matrix (XLA:CPU materializes each layer's slice before its do
 detector that found nothing would fail here; the engines' layerwise state must show none.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,3 +85,13 @@ def test_detector_reads_transposes_and_slices_by_shape():
   assert [(c.op, c.shape) for c in found] == [("dynamic-slice", (1, 32, 64)),
                                                ("transpose", (64, 32))]
   assert found[0].nbytes == 32 * 64 * 4
+
+
+def test_consuming_split_frees_the_stacked_weights_and_keeps_the_values():
+  target, _ = tiny_models.make_pair(64, num_layers=3)
+  _, expected = split_model(target, layerwise=True)
+  stacked = jax.tree.leaves(split_model(target)[1])
+  _, state = split_model(target, layerwise=True, consume=True)
+  assert all(leaf.is_deleted() for leaf in stacked if leaf.ndim >= 2 and leaf.shape[0] == 3)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
