@@ -39,10 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
           "prefill_cache_entries": 0,
           "session_timeout_s": 30.0,  # the lease: a silent client's slot comes back after it
           "max_sessions_per_client": 4,  # a drafter runs requests_per_drafter sessions
-          # Live-prefix attention buckets 256 and 512: verify reads 256 rows while prompts and
-          # answers are short. A 128 bucket too would triple the warm-up compiles for
-          # 1.1-1.3x per verify at these lengths (WORKSPACE_NOTES.md, "Live-prefix").
-          "attention_min_rows": 256,
+          # Live-prefix attention: one bucket (all 512 rows) here. Buckets from 256 would save
+          # 1.1-1.3x per verify at these lengths but double the warm-up's verify compiles, which
+          # every start of the main job and every serving test pays on a fresh machine
+          # (WORKSPACE_NOTES.md, "Scale and the GPU path"); --config.server.attention_min_rows=256.
+          "attention_min_rows": 512,
           "mesh_shape": "",  # one device; launch.verifier --mesh_shape=model=N shards
           "device_memory_gb": 0.0,  # the memory planner asks the device
           "memory_headroom": 0.9,
