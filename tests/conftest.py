@@ -59,3 +59,11 @@ def served_pair_dirs(tmp_path_factory):
     bpe_tokenizer.save_tokenizer(tokenizer, folder)
     dirs[name] = folder
   return dirs
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the whole session's launcher subprocesses (the
+  main job, its netns variant, the sweep): they compile the same verifier and drafter programs
+  for the same tiny pair, and a fresh CI machine would otherwise compile them once per test."""
+  return str(tmp_path_factory.mktemp("xla_cache"))

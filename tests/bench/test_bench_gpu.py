@@ -183,7 +183,14 @@ def test_tiny_profile_end_to_end_on_cpu(tmp_path):
   assert tree["tokens_per_verify"] == pytest.approx(sum(tree["by_depth"]))
   assert {(r["batch_size"], r["tree_tokens"]) for r in data["replay"]["rows"]} == {(1, 8), (2, 8)}
   assert "REPLAY" in data["replay"]["definition"]
-  assert data["bf16_agreement"]["fp32_exact"] is True
+  agreement = data["bf16_agreement"]
+  assert agreement["fp32_exact"] is True
+  assert agreement["outputs"]["spec_fp32"] == agreement["outputs"]["target_fp32"]
+  assert set(agreement["comparisons"]) == {"spec_bf16_vs_target_bf16",
+                                           "target_bf16_vs_target_fp32",
+                                           "spec_bf16_vs_target_fp32"}
+  for comparison in agreement["comparisons"].values():
+    assert 0.0 <= comparison["token_agreement_rate"] <= 1.0 and comparison["num_prompts"] == 2
   assert os.path.getsize(out_dir / "bench_gpu.png") > 10_000
   print(f"tiny profile end to end: {elapsed:.1f} s")
 

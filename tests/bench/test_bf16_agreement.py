@@ -72,27 +72,5 @@ def _check_consistent(comparison: dict, max_new_tokens: int):
     assert comparison["first_divergence"] is None and comparison["token_agreement_rate"] == 1.0
 
 
-@pytest.mark.slow  # ~25 s on the 2-core box, nearly all of it compiling both dtypes' programs
-def test_agreement_run_on_the_embedded_pair(tmp_path):
-  path = tmp_path / "bf16.json"
-  console = Console(file=io.StringIO(), width=200)
-  report = agreement_lib.run(assets.DEFAULT_TARGET_DIR, assets.DEFAULT_DRAFT_DIR, num_prompts=2,
-                             max_new_tokens=16, tree_spec="4:4:2:8", batch_size=1,
-                             out_json=str(path), console=console)
-  data = json.loads(path.read_text())
-  assert data["fp32_exact"] is True and report.fp32_exact
-  assert data["outputs"]["spec_fp32"] == data["outputs"]["target_fp32"]
-  assert set(data["outputs"]) == set(agreement_lib.RUNS)
-  assert all(len(seqs) == 2 for seqs in data["outputs"].values())
-  assert set(data["comparisons"]) == {"spec_bf16_vs_target_bf16", "target_bf16_vs_target_fp32",
-                                      "spec_bf16_vs_target_fp32"}
-  for comparison in data["comparisons"].values():
-    assert comparison["num_prompts"] == 2
-    _check_consistent(comparison, 16)
-  assert data["setup"]["num_prompts"] == 2 and data["setup"]["tree"] == "4:4:2:8"
-  assert set(data["mean_accepted"]) == {"spec_fp32", "spec_bf16"}
-  assert all(value >= 1.0 for value in data["mean_accepted"].values())
-  text = console.file.getvalue()
-  for column in agreement_lib.SUMMARY_COLUMNS:
-    assert column in text
-  assert "fp32 speculative == fp32 target: yes" in text
+# The run end to end (both dtypes on the embedded pair) is tested once, as the bf16 section of
+# `launch.bench_gpu --profile=tiny` (tests/bench/test_bench_gpu.py): the same call, 2 x 16.

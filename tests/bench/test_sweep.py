@@ -18,7 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 @pytest.mark.slow
 def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_dirs,
-                                                                   tmp_path):
+                                                                   compilation_cache, tmp_path):
   out_dir = tmp_path / "sweep"
   done = subprocess.run(
       [sys.executable, "-m", "launch.sweep",
@@ -31,7 +31,7 @@ def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_d
        # (launch/server_only.py); it is left out to keep this test's compiles few.
        "--systems=specedge,server_only_ar",
        "--num_prompts=2", "--max_new_tokens=6", f"--out_dir={out_dir}",
-       f"--compilation_cache_dir={tmp_path / 'xla'}"],
+       f"--compilation_cache_dir={compilation_cache}"],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "COLUMNS": "250"})
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

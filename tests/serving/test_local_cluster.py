@@ -36,11 +36,6 @@ def local_argv(served_pair_dirs, out_dir, cache_dir, *extra):
           f"--out_dir={out_dir}", f"--compilation_cache_dir={cache_dir}", *extra]
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
-
-
 @pytest.mark.slow
 def test_local_main_job_matches_the_target_only_baseline(served_pair_dirs, compilation_cache,
                                                          tmp_path):

@@ -350,14 +350,15 @@ def test_teardown_on_error_and_of_left_overs():
 
 
 @pytest.mark.slow
-def test_main_job_over_real_links_matches_target_only_decoding(served_pair_dirs, tmp_path):
+def test_main_job_over_real_links_matches_target_only_decoding(served_pair_dirs,
+                                                               compilation_cache, tmp_path):
   """Two drafters at 6 and 30 ms RTT, mutual TLS to the verifier's namespace address, the
   default jitter and loss: greedy outputs equal the target-only baseline's, and each drafter's
   rounds spend its link's RTT on the network."""
   _live()
   rtts = (6.0, 30.0)
   out_dir = tmp_path / "run"
-  argv = local_argv(served_pair_dirs, out_dir, str(tmp_path / "xla_cache"), "--netns",
+  argv = local_argv(served_pair_dirs, out_dir, compilation_cache, "--netns",
                     f"--netns_rtts={','.join(f'{r:g}' for r in rtts)}",
                     "--baselines=autoregressive")
   launcher = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE,
