@@ -84,19 +84,19 @@ def test_bucketed_prefill_equals_full_attention(target):
   np.testing.assert_allclose(np.asarray(cut), np.asarray(full), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow  # compiles every bucket of both engines (~40 s on 2 cores)
+@pytest.mark.slow  # compiles every bucket it reaches (~15 s on 2 cores)
 def test_speculative_greedy_across_buckets_equals_target_greedy(target):
   _, draft = tiny_models.make_pair(VOCAB)
-  # Prompts from 3 to 40 tokens plus 24 new ones: lanes cross the 16, 32 and 64 buckets, and a
+  # Prompts from 3 to 40 tokens plus 20 new ones: lanes cross the 32 and 64 buckets, and a
   # batch mixes lanes of different buckets (the longest decides).
-  prompts = tiny_models.prompts(6, VOCAB, seed=7, min_len=3, max_len=40)
+  prompts = tiny_models.prompts(4, VOCAB, seed=7, min_len=3, max_len=40)
   full = E.TargetEngine(target, num_slots=3, max_len=MAX_LEN, max_tree_nodes=NODES,
                         max_batch_size=3, attention_min_rows=MAX_LEN)
-  reference = E.generate(full, prompts, max_new_tokens=24).tokens
+  reference = E.generate(full, prompts, max_new_tokens=20).tokens
   engine = E.TargetEngine(target, num_slots=3, max_len=MAX_LEN, max_tree_nodes=NODES,
-                          max_batch_size=3, attention_min_rows=16)
+                          max_batch_size=3, attention_min_rows=32)
   drafter = E.DraftEngine(draft, num_slots=3, max_len=MAX_LEN,
                           tree=E.TreeParams(max_n_beams=4, max_beam_len=3, max_branch_width=2,
                                             max_budget=8))
-  assert E.generate(engine, prompts, draft=drafter, max_new_tokens=24).tokens == reference
-  assert E.generate(engine, prompts, max_new_tokens=24).tokens == reference
+  assert E.generate(engine, prompts, draft=drafter, max_new_tokens=20).tokens == reference
+  assert E.generate(engine, prompts, max_new_tokens=20).tokens == reference

@@ -114,7 +114,9 @@ def test_sharded_engine_greedy_equals_one_device_and_keeps_donation(models, mesh
   engine = make_engine(target, sharding.make_mesh(MESHES[mesh_name]))
   assert E.generate(engine, prompts, max_new_tokens=12).tokens == reference
 
+  before_prefill = engine.cache.k
   slot, _, _ = engine.open(prompts[0], api.GREEDY, 0, 12)
+  assert before_prefill.is_deleted(), "prefill copied the cache instead of donating it"
   before, placement = engine.cache.k, engine.cache.k.sharding
   compiled = verify_lib.verify._cache_size()
   with warnings.catch_warnings():
