@@ -89,6 +89,24 @@ class TreeParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TreeLimits:
+  """A per-round cap on a tree, within its `TreeParams` (the speculation controller's advice):
+  at most `budget` nodes below the root and `depth` growth steps. Runtime values: no recompile."""
+
+  budget: int
+  depth: int
+
+  def __post_init__(self):
+    if self.budget < 1 or self.depth < 1:
+      raise ValueError(f"tree limits must be >= 1, got budget {self.budget}, depth {self.depth}")
+
+  def within(self, params: TreeParams) -> "TreeLimits":
+    """These limits clipped to the configured caps (edges follow advice only within them)."""
+    return TreeLimits(budget=min(self.budget, params.max_budget),
+                      depth=min(self.depth, params.max_beam_len))
+
+
+@dataclasses.dataclass(frozen=True)
 class ProactiveParams:
   """Proactive drafting: grow a small tree from the most likely (leaf, bonus) while waiting."""
 
@@ -310,8 +328,9 @@ class DraftEngineProtocol(Protocol):
 
   def close(self, slot: int) -> None: ...
 
-  def draft(self, slot: int) -> DraftTree:
-    """Grows the slot's tree from its current root and returns it for verification."""
+  def draft(self, slot: int, limits: TreeLimits | None = None) -> DraftTree:
+    """Grows the slot's tree from its current root and returns it for verification; `limits`
+    caps this round's tree below the configured shape."""
     ...
 
   def draft_proactive(self, slot: int) -> None:

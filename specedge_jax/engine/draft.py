@@ -132,22 +132,27 @@ class DraftEngine:
     next_row, steps = jax.device_get((next_row, steps))
     return grown, int(next_row), int(steps)
 
-  def draft(self, slot: int) -> DraftTree:
-    """Grows the slot's tree from its current root and returns it for verification."""
+  def draft(self, slot: int, limits: api.TreeLimits | None = None) -> DraftTree:
+    """Grows the slot's tree from its current root and returns it for verification.
+
+    `limits` (the speculation controller's advice) caps this round's budget and growth steps
+    below the configured tree, clipped to it; both are runtime arguments of the same compiled
+    `grow`, so following the advice never recompiles."""
     session = self.session(slot)
     if session.committed_len + self.capacity > self.max_len:
       raise ValueError(f"draft slot {slot} is full ({session.committed_len} of "
                        f"{self.max_len} rows)")
     params = self.tree_params
-    steps = params.max_beam_len
+    limits = (limits or api.TreeLimits(params.max_budget, params.max_beam_len)).within(params)
+    steps = limits.depth
     if self.proactive_params.mode == "included":
-      steps = max(params.max_beam_len - session.steps_done, 0)
+      steps = max(limits.depth - session.steps_done, 0)
     if session.inflight is None:
       session.round_start_row = session.next_row
     else:  # drafting again without a commit: the tree in flight is dropped
       self.abandon_round(slot)
     grown, session.next_row, self.last_steps = self._grow(
-        session, slot, session.tree, next_row=session.next_row, budget=params.max_budget,
+        session, slot, session.tree, next_row=session.next_row, budget=limits.budget,
         num_steps=steps, params=params)
     session.inflight = grown
     session.proactive = None

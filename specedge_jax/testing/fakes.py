@@ -216,6 +216,7 @@ class FakeDraftEngine:
     self._free = list(range(num_slots))
     self._sessions: dict[int, dict] = {}
     self.calls: list[tuple[str, int]] = []
+    self.last_limits = None  # the TreeLimits of the last draft (the fake ignores them)
     self._owner: threading.Thread | None = None
 
   def _check_thread(self) -> None:
@@ -234,10 +235,11 @@ class FakeDraftEngine:
     self.calls.append(("open", slot))
     return slot
 
-  def draft(self, slot: int) -> DraftTree:
+  def draft(self, slot: int, limits=None) -> DraftTree:
     self._check_thread()
     session = self._sessions[slot]
     self.calls.append(("draft", slot))
+    self.last_limits = limits
     tokens, parents = [session["root"]], [-1]
     parent = 0
     for _ in range(self.correct_depth):

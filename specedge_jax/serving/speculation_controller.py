@@ -1,0 +1,146 @@
+"""The speculation controller: the tree each edge should draft next, decided by the verifier.
+
+SpecEdge fixes the tree. What a tree is worth changes per edge and over time: a draft that
+agrees with the target deep into the tree is worth a deep tree; a long RTT makes each round
+dear, so it pays to send more per round; a busy server makes each tree token dear, since its
+verify cost is shared by everyone in the batch. The verifier sees all three, so after every
+round it advises each edge a `TreeLimits` (budget, depth), which the edge follows within its
+configured caps (`TreeLimits.within`; the draft engine takes them at run time, no recompile).
+
+Per session it keeps exponential moving averages of
+- `survival[d]`: P(the accepted path reaches depth d | the tree reached depth d), the conditional
+  acceptance by depth that WISP's controller uses to predict the first rejection;
+- the edge's round trip (network) and its draft time per growth step (reported by the edge).
+
+`advise` then picks
+- the depth: the deepest d whose probability of being reached, prod(survival[1..d]), stays at or
+  above `reach_threshold` scaled down by how much of a round the RTT is (a long RTT amortizes
+  deeper trees), and within the SLO: the round's estimated time (RTT + draft steps + the
+  server's queue and forward) over its expected tokens must not exceed the ITL target;
+- the budget: the configured one under no load, shrinking towards `depth` (a chain) as the
+  server's queue fills, because then every extra node costs other sessions' time.
+
+Pure: no threads, no gRPC, no clock; the servicer feeds it and the simulator reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from specedge_jax.api import TreeLimits, TreeParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundObservation:
+  """What one verified round tells the controller about a session."""
+
+  tree_depth: int  # deepest node of the verified tree (root = 0)
+  accepted: int  # tree tokens accepted below the root (bonus excluded)
+  rtt_s: float = 0.0  # the edge's network round trip for this round, as it measured it
+  draft_step_s: float = 0.0  # the edge's draft time per growth step this round
+  server_s: float = 0.0  # the round's time on the server: queue + forward
+
+
+@dataclasses.dataclass
+class _SessionState:
+  survival: list[float]
+  rtt_s: float = 0.0
+  draft_step_s: float = 0.0
+  server_s: float = 0.0
+  rounds: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+  reach_threshold: float = 0.3  # deepest depth reached with at least this probability
+  smoothing: float = 0.2  # EMA weight of a new round
+  prior_survival: float = 0.7  # before any round: a fair draft
+  min_budget_fraction: float = 0.25  # of the configured budget, at a full queue
+  itl_slo_s: float = 0.0  # 0: no SLO
+
+  def __post_init__(self):
+    if not 0 < self.reach_threshold < 1 or not 0 < self.smoothing <= 1:
+      raise ValueError("reach_threshold must be in (0, 1) and smoothing in (0, 1]")
+    if not 0 < self.prior_survival < 1 or not 0 < self.min_budget_fraction <= 1:
+      raise ValueError("prior_survival must be in (0, 1), min_budget_fraction in (0, 1]")
+    if self.itl_slo_s < 0:
+      raise ValueError(f"itl_slo_s must be >= 0, got {self.itl_slo_s}")
+
+
+class SpeculationController:
+  """Per-session tree advice from acceptance by depth, RTT, draft speed and server load."""
+
+  def __init__(self, caps: TreeParams, config: ControllerConfig = ControllerConfig()):
+    self.caps = caps
+    self.config = config
+    self._sessions: dict[str, _SessionState] = {}
+
+  def _state(self, session: str) -> _SessionState:
+    if session not in self._sessions:
+      self._sessions[session] = _SessionState(
+          survival=[self.config.prior_survival] * self.caps.max_beam_len)
+    return self._sessions[session]
+
+  def forget(self, session: str) -> None:
+    self._sessions.pop(session, None)
+
+  def observe(self, session: str, round_: RoundObservation) -> None:
+    """Updates a session's estimates with one verified round. Depth d (1-based) was *tried* if
+    the tree reached it and the path reached d - 1; it *survived* if the path reached d."""
+    state = self._state(session)
+    alpha = self.config.smoothing
+    for d in range(1, min(round_.tree_depth, len(state.survival)) + 1):
+      if round_.accepted < d - 1:
+        break  # the path stopped above: depth d was not tried
+      survived = 1.0 if round_.accepted >= d else 0.0
+      state.survival[d - 1] += alpha * (survived - state.survival[d - 1])
+    for name in ("rtt_s", "draft_step_s", "server_s"):
+      value = getattr(round_, name)
+      if value > 0:
+        old = getattr(state, name)
+        setattr(state, name, value if state.rounds == 0 or old == 0 else
+                old + alpha * (value - old))
+    state.rounds += 1
+
+  def reach(self, session: str) -> list[float]:
+    """P(the accepted path reaches depth d), d = 1 .. max depth."""
+    probs, p = [], 1.0
+    for q in self._state(session).survival:
+      p *= q
+      probs.append(p)
+    return probs
+
+  def expected_tokens(self, session: str, depth: int) -> float:
+    """Expected tokens per round of a tree of this depth: the bonus plus the accepted path."""
+    return 1.0 + sum(self.reach(session)[:depth])
+
+  def advise(self, session: str, *, queue_fraction: float = 0.0) -> TreeLimits:
+    """The next tree's limits. `queue_fraction`: the server's waiting work relative to one full
+    batch (0 idle, >= 1 a full batch waiting)."""
+    state = self._state(session)
+    reach = self.reach(session)
+    round_s = state.server_s + state.draft_step_s * self.caps.max_beam_len
+    # A round trip that is large against the rest of a round makes each round dear: accept a
+    # lower probability of reaching a depth (up to 4x lower) to send more per round.
+    rtt_share = state.rtt_s / (state.rtt_s + round_s) if state.rtt_s + round_s > 0 else 0.0
+    threshold = self.config.reach_threshold * (1.0 - 0.75 * rtt_share)
+    depth = 1
+    for d in range(1, len(reach) + 1):
+      if reach[d - 1] >= threshold:
+        depth = d
+    if self.config.itl_slo_s > 0 and state.rounds > 0:
+      depth = self._within_slo(session, state, depth)
+    pressure = min(max(queue_fraction, 0.0), 1.0)
+    scale = 1.0 - (1.0 - self.config.min_budget_fraction) * pressure
+    budget = max(depth, int(math.floor(self.caps.max_budget * scale)))
+    return TreeLimits(budget=budget, depth=depth).within(self.caps)
+
+  def _within_slo(self, session: str, state: _SessionState, depth: int) -> int:
+    """The deepest depth <= `depth` whose estimated ITL meets the SLO; 1 when none does (the
+    shallowest round is then the best this edge can do)."""
+    for d in range(depth, 0, -1):
+      round_s = state.rtt_s + state.server_s + state.draft_step_s * d
+      if round_s / self.expected_tokens(session, d) <= self.config.itl_slo_s:
+        return d
+    return 1

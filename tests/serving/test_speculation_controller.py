@@ -1,0 +1,94 @@
+"""The speculation controller's advice moves the right way on synthetic traces, stays within the
+edge's caps, and the draft engine follows it (issue 15)."""
+
+import numpy as np
+import pytest
+
+from specedge_jax import api
+from specedge_jax import engine as E
+from specedge_jax.serving.speculation_controller import (ControllerConfig, RoundObservation,
+                                                         SpeculationController)
+from specedge_jax.testing import tiny_models
+
+CAPS = api.TreeParams(max_n_beams=8, max_beam_len=6, max_branch_width=4, max_budget=32)
+
+
+def trained(accepted_per_round, rounds=40, caps=CAPS, config=ControllerConfig(), **timing):
+  controller = SpeculationController(caps, config)
+  for i in range(rounds):
+    accepted = accepted_per_round[i % len(accepted_per_round)]
+    controller.observe("s", RoundObservation(tree_depth=caps.max_beam_len, accepted=accepted,
+                                             **timing))
+  return controller
+
+
+def test_depth_follows_acceptance():
+  good = trained([6, 5, 6, 4])  # the draft agrees deep into the tree
+  poor = trained([0, 1, 0, 0])  # the first or second token is usually wrong
+  assert good.advise("s").depth == CAPS.max_beam_len
+  assert poor.advise("s").depth == 1
+  middling = trained([2, 3, 0, 2])
+  assert 1 < middling.advise("s").depth < CAPS.max_beam_len
+  # Conditional acceptance: depth 1 survives in 3 rounds of 4 in `middling`.
+  assert middling.reach("s")[0] == pytest.approx(0.75, abs=0.1)
+
+
+def test_a_long_rtt_asks_for_deeper_trees():
+  trace = [1, 2, 0, 3, 1, 2]
+  near = trained(trace, rtt_s=0.002, server_s=0.02, draft_step_s=0.005)
+  far = trained(trace, rtt_s=0.2, server_s=0.02, draft_step_s=0.005)
+  assert far.advise("s").depth > near.advise("s").depth
+
+
+def test_a_full_queue_shrinks_the_budget_but_never_below_the_depth():
+  controller = trained([6, 5, 6, 4])
+  idle = controller.advise("s", queue_fraction=0.0)
+  busy = controller.advise("s", queue_fraction=1.0)
+  assert idle.budget == CAPS.max_budget
+  assert busy.depth <= busy.budget < idle.budget
+  assert controller.advise("s", queue_fraction=5.0) == busy  # clipped at a full batch
+
+
+def test_a_tight_slo_with_slow_drafting_trades_depth_for_latency():
+  trace = [2, 3, 1, 2, 4]
+  loose = trained(trace, config=ControllerConfig(itl_slo_s=1.0), rtt_s=0.01, server_s=0.02,
+                  draft_step_s=0.05)
+  tight = trained(trace, config=ControllerConfig(itl_slo_s=0.045), rtt_s=0.01, server_s=0.02,
+                  draft_step_s=0.05)
+  assert tight.advise("s").depth < loose.advise("s").depth
+
+
+def test_advice_stays_within_the_caps_and_sessions_are_separate():
+  small = api.TreeParams(max_n_beams=2, max_beam_len=2, max_branch_width=2, max_budget=3)
+  controller = trained([6, 6], caps=small)
+  limits = controller.advise("s")
+  assert limits.depth <= 2 and limits.budget <= 3
+  assert controller.advise("other") == controller.advise("fresh")  # priors only
+  controller.forget("s")
+  assert controller.advise("s") == controller.advise("fresh")
+  with pytest.raises(ValueError, match="reach_threshold"):
+    ControllerConfig(reach_threshold=1.5)
+  with pytest.raises(ValueError, match=">= 1"):
+    api.TreeLimits(budget=0, depth=1)
+
+
+@pytest.mark.slow  # compiles the draft engine (~12 s)
+def test_the_draft_engine_follows_limits_without_recompiling():
+  target, draft = tiny_models.make_pair(64)
+  tree = E.TreeParams(max_n_beams=4, max_beam_len=4, max_branch_width=2, max_budget=12)
+  drafter = E.DraftEngine(draft, num_slots=1, max_len=64, tree=tree)
+  slot = drafter.open([3, 4, 5, 6], first_token=7)
+  full = drafter.draft(slot)
+  drafter.abandon_round(slot)
+  from specedge_jax.spec import draft as draft_lib
+
+  compiled = draft_lib.grow._cache_size()
+  limited = drafter.draft(slot, api.TreeLimits(budget=3, depth=2))
+  assert draft_lib.grow._cache_size() == compiled
+  assert len(full.tokens) == 13 and len(limited.tokens) <= 4
+  depth = np.zeros(len(limited.tokens), int)
+  for i, parent in enumerate(limited.parents[1:], start=1):
+    depth[i] = depth[parent] + 1
+  assert depth.max() <= 2
+  # A prefix of the full tree's score order: the limited tree is the same draft, cut.
+  assert list(limited.tokens[:2]) == list(full.tokens[:2])
