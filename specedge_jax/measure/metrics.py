@@ -42,6 +42,12 @@ Definitions (all times in seconds):
   goodput         with an ITL SLO: the requests whose request mean ITL <= SLO (a single-step
                   request never waited between tokens and meets it), their generated tokens /
                   wall time; and the fraction of requests that meet it.
+  wasted drafting tree tokens sent for verification and not accepted: sum over verify steps of
+                  (tree_size - accepted_depth), also as a fraction of the tree tokens sent; and
+                  draft time while the server was idle: per edge, the part of its drafting
+                  intervals outside the union of `server_batch` intervals (mean over edges).
+                  The first is server work spent on nothing; the second, edge work the server
+                  waited for.
 
 Request-level figures (TTFT, ITL, acceptance, hit rate, goodput) are also split by the
 `category` field of `request_start` (Spec-Bench categories) when requests carry one.
@@ -75,6 +81,7 @@ class Step:
   n_tokens: int
   accepted_depth: int | None
   proactive_hit: bool | None
+  tree_size: int | None = None  # draft tokens sent below the root (verify steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +204,8 @@ def parse_run(name: str, events: Sequence[Mapping[str, Any]]) -> Run:
       steps[request_id].append(Step(
           t=float(event["t"]), n_tokens=int(event["n_tokens"]),
           accepted_depth=None if depth is None else int(depth),
-          proactive_hit=event.get("proactive_hit")))
+          proactive_hit=event.get("proactive_hit"),
+          tree_size=None if event.get("tree_size") is None else int(event["tree_size"])))
     elif kind == "server_batch":
       batches.append(ServerBatch(
           t_start=float(event["t_start"]), t_end=float(event["t_end"]), op=str(event["op"]),
@@ -276,6 +284,9 @@ class RequestMetrics:
   slo_met_requests: int | None
   slo_attainment: float | None
   goodput_tokens_per_s: float | None
+  tree_tokens_sent: int = 0
+  wasted_tree_tokens: int = 0
+  wasted_tree_token_fraction: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +332,7 @@ class RunSummary:
   mean_edge_idle_s: float | None
   mean_edge_idle_fraction: float | None
   itl_slo_s: float | None
+  mean_edge_draft_while_server_idle_s: float | None
   cost: CostMetrics
   requests: RequestMetrics
   categories: dict[str, RequestMetrics]
@@ -354,7 +366,13 @@ def request_metrics(requests: Sequence[RequestTrace], wall_time_s: float,
     slo_met = len(meeting)
     slo_attainment = _ratio(slo_met, len(requests))
     goodput = _ratio(sum(r.generated for r in meeting), wall_time_s)
+  sized = [s for s in verifications if s.tree_size is not None]
+  sent = sum(s.tree_size for s in sized)
+  wasted = sum(max(s.tree_size - s.accepted_depth, 0) for s in sized)
   return RequestMetrics(
+      tree_tokens_sent=sent,
+      wasted_tree_tokens=wasted,
+      wasted_tree_token_fraction=_ratio(wasted, sent),
       n_requests=len(requests),
       generated_tokens=sum(r.generated for r in requests),
       ttft=LatencyStats.of(ttfts),
@@ -381,6 +399,10 @@ def summarize(run: Run, cost_config: CostConfig = CostConfig(),
   server_compute = sum(b.forward_time_s for b in run.batches)
   server_busy = interval_union_length(((b.t_start, b.t_end) for b in run.batches), window)
   edge_busy = {c: interval_union_length(iv, window) for c, iv in run.edge_busy.items()}
+  server_intervals = [(b.t_start, b.t_end) for b in run.batches]
+  # |edge \ server| = |edge u server| - |server|, each a union of intervals.
+  draft_while_idle = [interval_union_length([*iv, *server_intervals], window) - server_busy
+                      for iv in run.edge_busy.values()]
   total_edge_busy = sum(edge_busy.values())
   n_edges = len(edge_busy)
 
@@ -412,6 +434,8 @@ def summarize(run: Run, cost_config: CostConfig = CostConfig(),
       mean_edge_idle_fraction=(_ratio(wall - total_edge_busy / n_edges, wall)
                                if n_edges else None),
       itl_slo_s=itl_slo_s,
+      mean_edge_draft_while_server_idle_s=(float(np.mean(draft_while_idle))
+                                           if draft_while_idle else None),
       cost=cost,
       requests=request_metrics(run.requests, wall, itl_slo_s),
       categories={c: request_metrics([r for r in run.requests if r.category == c], wall,

@@ -110,6 +110,10 @@ def _our_rows(table: Table, summaries: Sequence[metrics.RunSummary], row: Callab
   row("acceptance by depth (d=1,2,3)", lambda s: " ".join(
       _fmt(s.requests.acceptance_by_depth.get(d)) for d in (1, 2, 3)))
   row("proactive hit rate", lambda s: _fmt(s.requests.proactive_hit_rate, 100, 1, " %"))
+  row("wasted tree tokens (not accepted)",
+      lambda s: _fmt(s.requests.wasted_tree_token_fraction, 100, 1, " %"))
+  row("edge drafting while server idle",
+      lambda s: _fmt(s.mean_edge_draft_while_server_idle_s, 1.0, 2, " s"))
   table.add_section()
   row("cost server + edge [ours]",
       lambda s: f"${s.cost.server_usd:.4f} + ${s.cost.edge_usd:.4f}")

@@ -256,3 +256,14 @@ def test_report_launcher(logs, tmp_path):
 def test_report_rejects_an_empty_glob(tmp_path):
   with pytest.raises(FileNotFoundError, match="matches no file"):
     report.expand_globs([str(tmp_path / "none*.jsonl")])
+
+
+def test_wasted_drafting(logs):
+  (spec,) = summaries_of([logs / "spec" / "server.jsonl"]).values()
+  # Six verify steps of 8 tree tokens each; accepted depths 2, 1, 3 and 0, 0, 1.
+  assert spec.requests.tree_tokens_sent == 48
+  assert spec.requests.wasted_tree_tokens == (6 + 7 + 5) + (8 + 8 + 7)
+  assert spec.requests.wasted_tree_token_fraction == pytest.approx(41 / 48)
+  # c0 drafts [100, 100.75] + [101, 101.5]: 0.25 + 0.5 s outside the server's busy union;
+  # c1 drafts [100, 101]: 0.375 s outside it. Mean over edges.
+  assert spec.mean_edge_draft_while_server_idle_s == pytest.approx((0.75 + 0.375) / 2)
