@@ -7,6 +7,13 @@ make a seconds-long smoke run:
   python launch/train_tiny.py --work_dir=/tmp/tiny --target_out=/tmp/tiny/target \
       --draft_out=/tmp/tiny/draft --target_steps=4 --draft_steps=4 --seq_len=32 \
       --target_hidden=32 --draft_hidden=16 --vocab_size=300
+
+A draft variant for the committed target (its tokenizer reused, no target phase), e.g. the
+smaller embedded draft `specedge_jax/data/assets/models/draft_small`:
+
+  python launch/train_tiny.py --teacher=specedge_jax/data/assets/models/target \
+      --work_dir=/tmp/specedge_train_draft_small \
+      --draft_out=specedge_jax/data/assets/models/draft_small --draft_hidden=80 --draft_layers=1
 """
 
 import dataclasses
@@ -56,6 +63,9 @@ _EXPORT_DTYPE = flags.DEFINE_enum("export_dtype", "fp32", ["fp32", "bf16"],
 _STOP_AFTER_STEP = flags.DEFINE_integer(
     "stop_after_step", None, "Stop a phase after this step without exporting (tests resume).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a rich progress bar.")
+_TEACHER = flags.DEFINE_string(
+    "teacher", "", "Distil only a draft from this existing target (an HF folder), with its "
+    "tokenizer: no tokenizer or target is trained and --target_out is not written.")
 
 
 def _size(base: trainer.ModelSize, hidden: int, layers: int,
@@ -87,13 +97,14 @@ def main(argv):
                                       distill_weight=_DISTILL_WEIGHT.value,
                                       distill_temperature=_DISTILL_TEMPERATURE.value, **common),
       export_dtype=_EXPORT_DTYPE.value,
+      teacher_dir=_TEACHER.value,
   )
   summary = recipe.run_recipe(recipe_config, _WORK_DIR.value, _TARGET_OUT.value,
                               _DRAFT_OUT.value, progress=_PROGRESS.value,
                               stop_after_step=_STOP_AFTER_STEP.value)
   if summary["finished"]:
-    print(f"exported {_TARGET_OUT.value} and {_DRAFT_OUT.value} "
-          f"in {summary['total_seconds']} s")
+    exported = _DRAFT_OUT.value if _TEACHER.value else f"{_TARGET_OUT.value} and {_DRAFT_OUT.value}"
+    print(f"exported {exported} in {summary['total_seconds']} s")
 
 
 if __name__ == "__main__":

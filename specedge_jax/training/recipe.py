@@ -16,6 +16,10 @@ module makes one from public English text:
 4. Draft: a smaller Qwen3 trained on KL to the target's soft labels plus cross-entropy.
 5. Export: HF folders (`hf.save_hf` plus the tokenizer files).
 
+A draft variant for an existing target (`RecipeConfig.teacher_dir`, `train_tiny.py --teacher`)
+skips steps 2 and 3: the target is loaded from its HF folder and its tokenizer is reused, so the
+new draft speaks exactly the target's token ids (drafters of several sizes share one verifier).
+
 Training is resumable: orbax checkpoints hold the parameters, the optimizer state and the step,
 and the batch of step `s` is a pure function of (seed, s), so a run killed and resumed computes
 the same updates as one that never stopped.
@@ -53,15 +57,21 @@ class RecipeConfig:
   draft_train: trainer.TrainConfig = trainer.TrainConfig(steps=320, peak_learning_rate=3e-3,
                                          distill_weight=0.9)
   export_dtype: str = "fp32"
+  # An existing target (HF folder) to distil the draft from: its tokenizer is reused, the target
+  # phase is skipped and only the draft is exported. Empty: train both.
+  teacher_dir: str = ""
 
 
 def prepare_data(recipe: RecipeConfig, work_dir: str):
-  """Loads and splits the corpus; trains (or reloads) the tokenizer in `work_dir/tokenizer`."""
+  """Loads and splits the corpus; trains (or reloads) the tokenizer in `work_dir/tokenizer`, or
+  takes the teacher's (`recipe.teacher_dir`)."""
   docs = corpus.load_training_documents(recipe.dataset_dir, recipe.use_pydoc)
   seed = recipe.target_train.seed
   train_docs, validation_docs = corpus.split_documents(docs, recipe.validation_fraction, seed)
   tokenizer_dir = os.path.join(work_dir, "tokenizer")
-  if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+  if recipe.teacher_dir:  # the draft must speak the existing target's ids, never a new set
+    tokenizer = load_tokenizer(recipe.teacher_dir)
+  elif os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
     tokenizer = load_tokenizer(tokenizer_dir)  # resuming: the checkpoints depend on these ids
   else:
     tokenizer = bpe_tokenizer.train_tokenizer((d.text for d in train_docs), recipe.vocab_size)
@@ -80,6 +90,9 @@ def run_recipe(recipe: RecipeConfig, work_dir: str, target_out: str, draft_out: 
                progress: bool = True, stop_after_step: int | None = None,
                echo: Callable[[str], None] = print) -> dict:
   """Tokenizer, target, distilled draft, export. Resumes whatever `work_dir` already holds.
+
+  With `recipe.teacher_dir` only the draft is trained (against that target, with its tokenizer)
+  and exported; `target_out` is not written.
 
   Returns a summary (sizes, token counts, per-phase wall time, final losses) that is also written
   to `work_dir/summary.json`. With `stop_after_step`, a phase stops after that step (a simulated
@@ -112,8 +125,16 @@ def run_recipe(recipe: RecipeConfig, work_dir: str, target_out: str, draft_out: 
 
   results = {}
   teacher = None
-  for name, model_config, train_config in (("target", target_config, recipe.target_train),
-                                           ("draft", draft_config, recipe.draft_train)):
+  phases = [("target", target_config, recipe.target_train),
+            ("draft", draft_config, recipe.draft_train)]
+  if recipe.teacher_dir:
+    teacher = hf.load_hf_model(recipe.teacher_dir)
+    if teacher.config.vocab_size != vocab:
+      raise ValueError(f"the teacher {recipe.teacher_dir} has vocab_size "
+                       f"{teacher.config.vocab_size}, its tokenizer {vocab} tokens")
+    summary["teacher"] = {"dir": recipe.teacher_dir, "parameters": count_parameters(teacher)}
+    phases = phases[1:]
+  for name, model_config, train_config in phases:
     echo(f"{name}: {count_parameters(model_config)} parameters")
     result = trainer.train_model(
         model_config, train_stream, train_config, os.path.join(work_dir, f"{name}_checkpoints"),
@@ -132,12 +153,13 @@ def run_recipe(recipe: RecipeConfig, work_dir: str, target_out: str, draft_out: 
     if result.steps_done + (result.resumed_from or 0) < train_config.steps:
       echo(f"{name} stopped at step {stop_after_step}; run again to resume")
       break  # a stopped target must not teach the draft
-  summary["finished"] = len(results) == 2 and (
+  summary["finished"] = len(results) == len(phases) and (
       results["draft"].steps_done + (results["draft"].resumed_from or 0)
       == recipe.draft_train.steps)
   if summary["finished"]:
-    export_model(target_out, target_config, results["target"].model, tokenizer,
-                 recipe.export_dtype)
+    if "target" in results:
+      export_model(target_out, target_config, results["target"].model, tokenizer,
+                   recipe.export_dtype)
     export_model(draft_out, draft_config, results["draft"].model, tokenizer, recipe.export_dtype)
   summary["total_seconds"] = round(time.time() - started, 1)
   with open(os.path.join(work_dir, "summary.json"), "w") as f:

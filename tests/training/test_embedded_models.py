@@ -1,9 +1,10 @@
 """The embedded default models (`specedge_jax/data/assets`) and the recipe that trains them.
 
-The committed target and draft must load in transformers and in our loader with the same logits,
-share one tokenizer that round-trips text and renders the chat template, and fit the size budget.
-`launch/train_tiny.py` must run end to end at toy sizes, and a run stopped after a checkpoint and
-resumed must export exactly the weights of a run that never stopped.
+The committed target and drafts (the draft and the smaller draft_small) must load in transformers
+and in our loader with the same logits, share one tokenizer that round-trips text and renders the
+chat template, and fit the size budget. `launch/train_tiny.py` must run end to end at toy sizes,
+a run stopped after a checkpoint and resumed must export exactly the weights of a run that never
+stopped, and `--teacher` must distil a draft alone for an existing target, with its tokenizer.
 """
 
 import json
@@ -17,11 +18,13 @@ import transformers
 from absl.testing import flagsaver
 
 from specedge_jax.checkpoints import hf
-from specedge_jax.data.assets import DEFAULT_DRAFT_DIR, DEFAULT_PROMPTS, DEFAULT_TARGET_DIR
+from specedge_jax.data.assets import (DEFAULT_DRAFT_DIR, DEFAULT_PROMPTS, DEFAULT_TARGET_DIR,
+                                      SMALL_DRAFT_DIR)
 from specedge_jax.models.transformer import causal_mask, count_parameters
 from specedge_jax.training import bpe_tokenizer, corpus
 
-MODEL_DIRS = {"target": DEFAULT_TARGET_DIR, "draft": DEFAULT_DRAFT_DIR}
+MODEL_DIRS = {"target": DEFAULT_TARGET_DIR, "draft": DEFAULT_DRAFT_DIR,
+              "draft_small": SMALL_DRAFT_DIR}
 ATOL = 1e-4
 
 
@@ -65,10 +68,14 @@ def test_embedded_models_sizes_and_shared_tokenizer():
   assert target.config.model_type == draft.config.model_type == "qwen3"
   assert 3e6 <= count_parameters(target) <= 10e6
   assert 0.3e6 <= count_parameters(draft) <= 1.5e6
+  small = hf.load_hf_model(SMALL_DRAFT_DIR)
+  assert small.config.model_type == "qwen3" and small.config.num_layers == 1
+  assert 0.3e6 <= count_parameters(small) < count_parameters(draft)
   with open(os.path.join(DEFAULT_TARGET_DIR, "tokenizer.json"), "rb") as f:
     target_tokenizer = f.read()
-  with open(os.path.join(DEFAULT_DRAFT_DIR, "tokenizer.json"), "rb") as f:
-    assert f.read() == target_tokenizer, "draft and target must share one vocabulary"
+  for folder in (DEFAULT_DRAFT_DIR, SMALL_DRAFT_DIR):
+    with open(os.path.join(folder, "tokenizer.json"), "rb") as f:
+      assert f.read() == target_tokenizer, f"{folder} must share the target's vocabulary"
   total = sum(os.path.getsize(os.path.join(d, f)) for d in MODEL_DIRS.values()
               for f in os.listdir(d))
   assert total <= 25 * 2**20, f"embedded models take {total / 2**20:.1f} MiB, budget 25 MiB"
@@ -176,6 +183,22 @@ def test_train_tiny_end_to_end_and_exact_resume(toy_dataset_dir, tmp_path):
   ids = tokenizer("What is a lambda?", add_special_tokens=False)["input_ids"]
   np.testing.assert_allclose(_our_logits(hf.load_hf_model(folder), ids),
                              _hf_logits(folder, ids), atol=ATOL)
+
+  # A draft variant for the trained target: only a draft is trained, with the target's tokenizer.
+  variant = str(tmp_path / "variant")
+  with flagsaver.flagsaver(**_train_tiny_flags(toy_dataset_dir, variant, draft_hidden=8,
+                                               teacher=os.path.join(straight, "target"))):
+    train_tiny.main([])
+  with open(os.path.join(variant, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["finished"] and "target" not in summary and summary["draft"]["steps_run"] == 4
+  assert not os.path.exists(os.path.join(variant, "target"))
+  assert not os.path.exists(os.path.join(variant, "tokenizer")), "no tokenizer is trained"
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    with open(os.path.join(straight, "target", name), "rb") as f:
+      with open(os.path.join(variant, "draft", name), "rb") as g:
+        assert g.read() == f.read(), name
+  assert hf.load_hf_model(os.path.join(variant, "draft")).config.hidden_size == 8
 
 
 def test_batches_are_a_function_of_the_step():
