@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
           "draft": assets.DEFAULT_DRAFT_DIR,
           "tokenizer": "",  # the target's folder
           "dtype": "",  # fp32 as stored
+          # Heterogeneous edges: drafter i runs drafts[i % len], e.g.
+          # --config.models.drafts="('<draft>', '<draft_small>')"; empty: every edge runs draft.
+          "drafts": (),
       },
       # A CPU-sized tree. On CPU drafting cost grows with the beams forwarded per step: with the
       # reference's tree (32, 4, 16, 32) one draft of the embedded pair takes ~190 ms against
@@ -49,7 +52,15 @@ def get_config() -> ml_collections.ConfigDict:
           "memory_headroom": 0.9,
           # Static: one forward for every active session's tree. Measured on CPU it doubled the
           # server throughput of dynamic batching at the same ITL (docs/notes/serving.md).
-          "batching": {"mode": "static", "max_wait_ms": 0.0, "static_timeout_s": 5.0},
+          "batching": {"mode": "static", "max_wait_ms": 0.0, "static_timeout_s": 5.0,
+                       # batching mode "slo" (serving/slo_scheduler.py): the ITL SLO of sessions
+                       # that send none (0: none), the starvation bound, the margin kept back
+                       # from deadlines.
+                       "default_itl_slo_ms": 0.0, "max_queue_ms": 100.0, "slo_margin_ms": 1.0},
+          # The verify-time estimator: its measurements file across restarts ('': in memory)
+          # and the `launch.bench_core --out_json` curve it starts from ('': defaults).
+          "verify_time_path": "",
+          "verify_time_seed": "",
       },
       "edge": {
           "num_drafters": 2,
@@ -62,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
           "max_queued_requests": 8,
           "open_give_up_s": 300.0,
           "speculative_first_round": False,  # the reference's: the first tree verified in the open
+          "itl_slo_ms": 0,  # the ITL SLO its sessions ask for (batching mode "slo"); 0: none
       },
       "workload": {
           "source": "embedded",

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
           "draft": "/models/Qwen3-1.7B",
           "tokenizer": "",
           "dtype": "bf16",
+          # Mixed edges, drafter i on drafts[i % len] (one tokenizer for all), e.g.
+          # --config.models.drafts="('/models/Qwen3-0.6B', '/models/Qwen3-1.7B')".
+          "drafts": (),
       },
       "tree": {"max_n_beams": 32, "max_beam_len": 4, "max_branch_width": 16, "max_budget": 32},
       "proactive": {"mode": "excluded", "max_n_beams": 32, "max_beam_len": 3,
@@ -47,7 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
           "mesh_shape": "",  # e.g. "model=2" on two GPUs (launch.verifier --mesh_shape)
           "device_memory_gb": 0.0,  # the memory planner asks the device
           "memory_headroom": 0.9,
-          "batching": {"mode": "dynamic", "max_wait_ms": 1.0, "static_timeout_s": 5.0},
+          "batching": {"mode": "dynamic", "max_wait_ms": 1.0, "static_timeout_s": 5.0,
+                       # batching mode "slo" (serving/slo_scheduler.py): the ITL SLO of sessions
+                       # that send none (0: none), the starvation bound, the margin kept back
+                       # from deadlines.
+                       "default_itl_slo_ms": 0.0, "max_queue_ms": 100.0, "slo_margin_ms": 1.0},
+          # The verify-time estimator: its measurements file across restarts ('': in memory)
+          # and the `launch.bench_core --out_json` curve it starts from ('': defaults).
+          "verify_time_path": "",
+          "verify_time_seed": "",
       },
       "edge": {
           "num_drafters": 8,
@@ -60,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
           "max_queued_requests": 8,
           "open_give_up_s": 300.0,
           "speculative_first_round": False,  # the reference's: the first tree verified in the open
+          "itl_slo_ms": 0,  # the ITL SLO its sessions ask for (batching mode "slo"); 0: none
       },
       "workload": {
           "source": "specbench",

@@ -9,6 +9,9 @@
       [--http_api_keys_file=keys.txt]      # the OpenAI-compatible API, chat page and /metrics
 
 Plaintext needs --allow_insecure. The token is read from a file so that it never shows in `ps`.
+The draft model is `models.draft_for(client_index)` of the config (`models.drafts` gives edges
+different draft models), or --draft; a verifier whose target has another tokenizer refuses it at
+the first open, and the drafter then exits with status 2 and the verifier's message.
 
 Without --http_port: serves share `client_index` of `edge.num_drafters` of the workload
 (round-robin) and exits, with status 1 if any request failed. With --http_port: serves
@@ -18,6 +21,7 @@ per verification round), `GET /v1/models`, the chat page at `/` and Prometheus m
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -25,10 +29,12 @@ import sys
 from absl import app, flags
 
 from launch import serving_flags
-from specedge_jax.serving import runners, security
+from specedge_jax.serving import drafter, runners, security
 
 _SERVER = flags.DEFINE_string("server", "127.0.0.1:50051", "The verifier's host:port.")
 _CLIENT_INDEX = flags.DEFINE_integer("client_index", 0, "This drafter's share of the workload.")
+_DRAFT = flags.DEFINE_string("draft", "", "This drafter's draft model (HF folder or orbax dir); "
+                             "default: the config's models.draft_for(client_index).")
 _STREAM = flags.DEFINE_bool("stream", False, "Print tokens as they are accepted.")
 _TLS_CA = flags.DEFINE_string("tls_ca", "", "The CA that signed the verifier's certificate "
                               "(PEM); set = TLS.")
@@ -70,9 +76,13 @@ def main(argv):
       raise app.UsageError(str(e)) from None
   serving_flags.setup_process()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  config = serving_flags.serving_config()
+  if _DRAFT.value:  # launch.local names each drafter's model here
+    config = dataclasses.replace(config, models=dataclasses.replace(
+        config.models, draft=_DRAFT.value, drafts=()))
   if _HTTP_PORT.value is not None:
     asyncio.run(runners.serve_drafter_http(
-        serving_flags.serving_config(), _SERVER.value, client_index=_CLIENT_INDEX.value,
+        config, _SERVER.value, client_index=_CLIENT_INDEX.value,
         http_host=_HTTP_HOST.value, http_port=_HTTP_PORT.value,
         http_port_file=_HTTP_PORT_FILE.value, api_keys=api_keys,
         model_name=_SERVED_MODEL_NAME.value, events_path=serving_flags.EVENT_LOG.value,
@@ -82,10 +92,15 @@ def main(argv):
   if _STREAM.value:
     on_tokens = lambda request_id, tokens, finished: print(
         f"{request_id}: {tokens}{' <end>' if finished else ''}", flush=True)
-  outputs = asyncio.run(runners.run_drafter(
-      serving_flags.serving_config(), _SERVER.value, client_index=_CLIENT_INDEX.value,
-      events_path=serving_flags.EVENT_LOG.value, run_id=serving_flags.RUN_ID.value,
-      on_tokens=on_tokens, security=client_security))
+  try:
+    outputs = asyncio.run(runners.run_drafter(
+        config, _SERVER.value, client_index=_CLIENT_INDEX.value,
+        events_path=serving_flags.EVENT_LOG.value, run_id=serving_flags.RUN_ID.value,
+        on_tokens=on_tokens, security=client_security))
+  except drafter.TokenizerRefused as e:  # a deployment error: one clear line, no traceback
+    print(f"the verifier refused this drafter ({config.models.draft_for(_CLIENT_INDEX.value)}): "
+          f"{e}", file=sys.stderr)
+    _exit_now(2)
   failed = [o for o in outputs if o.finish_reason == "error"]
   for output in outputs:
     print(f"{output.request_id}: {len(output.tokens)} tokens in {output.steps} steps "

@@ -7,6 +7,8 @@
   python -m launch.local --reference_yaml=specedge.example.yaml   # a reference config file
   python -m launch.local --netns [--netns_rtt_ms=14 --netns_jitter_ms=1 --netns_loss_pct=0.1]
   python -m launch.local --netns --netns_rtts=5,14,40 --config.edge.num_drafters=3
+  python -m launch.local --config.models.drafts="('specedge_jax/data/assets/models/draft', \
+      'specedge_jax/data/assets/models/draft_small')"    # drafter i runs drafts[i % 2]
 
 Starts `launch.verifier` and `edge.num_drafters` x `launch.drafter` as child processes, shows
 progress, and prints the run summary (tokens/s, inter-token latency, accepted tokens per step,

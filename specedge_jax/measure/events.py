@@ -9,7 +9,8 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
   request_start   request_id, client_id, prompt_tokens, dataset, category
                   (one per user request, when the client submits it: a live HTTP request at
                   its arrival, a replayed one when it takes one of the edge's K places); an
-                  edge adds queue_wait_s (the time from arrival to a place)
+                  edge adds queue_wait_s (the time from arrival to a place) and draft_model
+                  (the name of the draft model folder it ran: edges may run different ones)
   request_step    request_id, client_id, n_tokens (tokens emitted to the user by this step,
                   bonus included), draft_time_s, wait_time_s, tree_size, accepted_depth (tree
                   nodes accepted, bonus excluded), proactive_hit (true/false, or null when
@@ -27,7 +28,10 @@ Event kinds and their fields (beyond `kind`, `system`, `t`):
                   forward), forward_time_s, queue_time_s (mean wait of the batch's requests
                   before the forward), request_ids; the verifier's 'prefill' adds
                   prefill_cache_hit (tokens is 0 on a hit), its 'verify' adds accepted_depths
-                  (tree nodes accepted per request, in request_ids order). op is one of:
+                  (tree nodes accepted per request, in request_ids order), truncated_nodes (tree
+                  nodes the 'slo' batching cut off before the forward; tokens counts what was
+                  verified) and estimated_time_s (the verify-time estimate of the batch as
+                  verified, made before it ran). op is one of:
                     'prefill'        the target's prompt prefill (verifier, baselines)
                     'verify'         a batched tree verification (verifier, server_only_spec)
                     'decode'         a batched autoregressive step (server_only_ar)

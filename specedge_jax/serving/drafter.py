@@ -38,6 +38,8 @@ NOT_FOUND), the round is abandoned on the device and the request resumes in a ne
 carries every token already emitted, retrying with backoff and jitter until
 `reconnect_give_up_s`. Tokens reach `on_tokens` only from answered rounds, so a user sees none
 twice and misses none.
+An open refused for the edge's tokenizer (FAILED_PRECONDITION: the verifier's target speaks other
+token ids) is never retried: it fails as `TokenizerRefused`, and so does `run`.
 
 Where the GIL blocks: the device thread holds the GIL while it builds small numpy trees and
 releases it while XLA runs the draft model; the loop thread takes it for protobuf work and
@@ -63,6 +65,7 @@ import numpy as np
 
 from specedge_jax import api
 from specedge_jax.api import SamplingParams, VerifyResult
+from specedge_jax.data.tokenizer_fingerprint import TokenizerFingerprint
 from specedge_jax.measure.events import EventLog
 from specedge_jax.serving import owner_thread
 from specedge_jax.serving.proto import specedge_pb2
@@ -103,6 +106,14 @@ class DrafterConfig:
   # the server answers a repeated step with the stored answer, so nothing is applied twice.
   verify_retries: int = 3
   verify_retry_initial_s: float = 0.05
+  # The inter-token-latency SLO every session of this edge asks the verifier for, in ms (0:
+  # none, the server's default applies). A verifier batching in 'slo' mode may then verify only
+  # a prefix of a tree; the answer is still a path of the tree sent, which `commit` takes as is.
+  itl_slo_ms: int = 0
+  # This edge's draft model, as its events name it (request_start's draft_model; '' leaves it
+  # out), and its tokenizer, sent at every open so that the verifier can refuse a foreign one.
+  draft_model: str = ""
+  tokenizer: TokenizerFingerprint | None = None
 
   def __post_init__(self):
     if self.max_concurrent_requests < 1:
@@ -112,6 +123,8 @@ class DrafterConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.verify_retries < 0:
       raise ValueError(f"verify_retries must be >= 0, got {self.verify_retries}")
+    if not 0 <= self.itl_slo_ms < 2**31:
+      raise ValueError(f"itl_slo_ms must be in [0, 2**31), got {self.itl_slo_ms}")
     if self.max_queued_requests < 0:
       raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
     if not self.simulated_rtt_ms >= 0:
@@ -261,6 +274,11 @@ class ServerError(RuntimeError):
     self.code = code
 
 
+class TokenizerRefused(ServerError):
+  """The verifier refused this edge's tokenizer (FAILED_PRECONDITION at OpenSession, its message
+  naming what differs). Never retried: no open of this edge succeeds until a model changes."""
+
+
 # A round that failed with these is served again in a new session that resumes the request: the
 # verifier went away (UNAVAILABLE), came back without the session (NOT_FOUND), or never answered.
 # CANCELLED reaches a client as an AioRpcError only from the other side: a server that stops
@@ -365,6 +383,7 @@ class Drafter:
     self._tasks: set[asyncio.Task] = set()
     self._closing: weakref.WeakSet[asyncio.Task] = weakref.WeakSet()  # in their clean-up
     self._seeds = itertools.count()  # `submit`'s default seeds: config.seed + arrival order
+    self.refused: TokenizerRefused | None = None  # the verifier's refusal of our tokenizer
 
   @property
   def _edge(self) -> EdgeDevice:
@@ -498,15 +517,20 @@ class Drafter:
     """Serves every request; K at a time, in order. Returns outputs in request order.
 
     Request i gets the seed `config.seed + i` unless it has its own. The queue bound of
-    `submit` does not apply: the whole list is this call's own workload."""
+    `submit` does not apply: the whole list is this call's own workload. Raises
+    `TokenizerRefused` when the verifier refused this edge's tokenizer (every open fails alike:
+    the run as a whole did, not some of its requests)."""
     await self.start()
     try:
       tasks = [self._spawn(request, request.seed if request.seed is not None
                            else self.config.seed + index, None)
                for index, request in enumerate(requests)]
-      return list(await asyncio.gather(*tasks))
+      outputs = list(await asyncio.gather(*tasks))
     finally:
       await self.stop()
+    if self.refused is not None:
+      raise self.refused
+    return outputs
 
   async def _open_session(self, request: EdgeRequest, seed: int,
                           resume: RequestOutput | None = None, prompt_ids: Sequence[int] = (),
@@ -520,7 +544,10 @@ class Drafter:
     message = specedge_pb2.OpenSessionRequest(
         prompt_text=request.prompt_text, prompt_token_ids=request.prompt_ids, sampling=sampling,
         seed=seed, max_new_tokens=request.max_new_tokens or config.max_new_tokens,
-        client_id=config.client_id, request_id=request.request_id)
+        client_id=config.client_id, request_id=request.request_id,
+        itl_slo_ms=config.itl_slo_ms)
+    if config.tokenizer is not None:
+      message.tokenizer.CopyFrom(specedge_pb2.TokenizerFingerprint(**config.tokenizer.to_fields()))
     give_up_s = config.open_give_up_s
     if first_tree is not None:
       message.first_tree.tokens[:] = np.asarray(first_tree.tokens)[1:].tolist()
@@ -548,6 +575,11 @@ class Drafter:
         # coordination between clients, until the give-up time.
         # A lost reply (DEADLINE_EXCEEDED) is safe to retry too: an open with the same
         # request_id gets the session the first one made.
+        refused = dict(e.trailing_metadata() or ()).get("specedge-refused")
+        if e.code() == grpc.StatusCode.FAILED_PRECONDITION and refused == "tokenizer":
+          self.refused = TokenizerRefused(f"OpenSession: {e.code().name}: {e.details()}",
+                                          e.code())
+          raise self.refused from e
         transient = e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or e.code() in _RETRIABLE
         if not transient or time.monotonic() > give_up:
           raise ServerError(f"OpenSession: {e.code().name}: {e.details()}", e.code()) from e
@@ -596,7 +628,10 @@ class Drafter:
     draft slot and closes its server session before the cancellation goes on."""
     t_place = time.time()
     t_submit = submitted_at if submitted_at is not None else t_place
-    queue_wait = dict(queue_wait_s=t_place - t_submit)  # in request_start: the wait for a place
+    # request_start's edge fields: the wait for a place, and the draft model that serves it.
+    start_fields: dict[str, Any] = dict(queue_wait_s=t_place - t_submit)
+    if self.config.draft_model:
+      start_fields["draft_model"] = self.config.draft_model
     report = on_round or (lambda update: None)
     output = RequestOutput(request_id=request.request_id, prompt_tokens=len(request.prompt_ids),
                            tokens=[], finish_reason="error")
@@ -618,7 +653,7 @@ class Drafter:
         output.prompt_tokens = opened.prompt_tokens
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
-                   category=request.category, **queue_wait)
+                   category=request.category, **start_fields)
         started_logged = True
         first = opened.first_round
         result = VerifyResult(accepted=list(first.accepted_tokens), bonus=int(first.bonus_token),
@@ -651,7 +686,7 @@ class Drafter:
         output.prompt_tokens = opened.prompt_tokens
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=opened.prompt_tokens, dataset=request.dataset,
-                   category=request.category, **queue_wait)
+                   category=request.category, **start_fields)
         started_logged = True
         output.tokens.append(opened.first_token)
         self._emit("request_step", request_id=request.request_id, n_tokens=1, draft_time_s=0.0,
@@ -725,7 +760,7 @@ class Drafter:
       if not started_logged:
         self._emit("request_start", t=t_submit, request_id=request.request_id,
                    prompt_tokens=output.prompt_tokens, dataset=request.dataset,
-                   category=request.category, **queue_wait)
+                   category=request.category, **start_fields)
       if draft_slot is not None:
         await self._edge.run(self.engine.close, draft_slot, op="close")
       if session_id is not None:

@@ -4,7 +4,9 @@ What this module owns: the jobs the gRPC handlers hand over (open, verify, close
 that runs them on the engine (`EngineWorker`), the batching policy that groups verifies into one
 `engine.verify` call, the verifier's LRU of prompt prefill snapshots (`PrefillCache`), the
 `server_batch` events, and `RequestError`, the error type that carries the gRPC status a caller
-should see. It reaches the engine only through `api.TargetEngineProtocol`.
+should see. It reaches the engine only through `api.TargetEngineProtocol`. It also feeds the
+verify-time estimator (`verify_time.py`) with every measured verify batch, in every mode, and
+saves it when it has a file; the SLO mode's decisions themselves live in `slo_scheduler.py`.
 
 Threads and queues
 ------------------
@@ -25,10 +27,23 @@ batch waited for and that did not come is *late*: no batch waits for it again un
 verify, so a dead or silent client costs the others one bounded wait in all, not one per round,
 until its lease runs out and the servicer closes it.
 
+`slo` mode asks `slo_scheduler.start_time` instead of a fixed deadline: a batch runs at once
+unless an absent session is expected (its last answer + its measured edge time) before the
+latest start that keeps the pending trees whole within the earliest deadline, and never later
+than `max_queue_ms` after its oldest verify. `slo_scheduler.plan_batch` then picks the batch and
+how many nodes of each tree it keeps; the engine verifies those prefixes, and the answers are the
+accepted paths of the cut trees (exact: every emitted token is still a target sample). What the
+scheduler needs is kept per slot here: each session's SLO, committed prefix rows, measured
+acceptance (counted against the full tree it sent) and edge time. The estimator sees the batch
+as verified (after the cut).
+
 Where the GIL blocks
 --------------------
 The engine thread holds the GIL while it assembles a batch in numpy and reads results back, and
-releases it while XLA runs the forward (dispatch and device transfers drop the GIL).
+releases it while XLA runs the forward (dispatch and device transfers drop the GIL). After the
+answers of a batch are handed to the loop it updates the sessions' acceptance and refits the
+estimator (about 0.1 ms), and every `save_every_s` writes the estimator's file (tens of KB), so
+none of that delays an answer.
 """
 
 from __future__ import annotations
@@ -37,9 +52,11 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
+import typing
 
 import grpc
 import numpy as np
@@ -47,8 +64,9 @@ import numpy as np
 from specedge_jax import api
 from specedge_jax.api import DraftTree, SamplingParams, VerifyResult
 from specedge_jax.measure.events import EventLog
-from specedge_jax.serving import owner_thread
+from specedge_jax.serving import owner_thread, slo_scheduler
 from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.verify_time import BatchShape, VerifyTimeEstimator
 
 _log = logging.getLogger(__name__)
 
@@ -82,12 +100,31 @@ class _OpenJob(_Job):
   resume_rounds: int = 0
   # A speculative first round: prefill prompt[:-1]; prompt[-1] roots the tree verified next.
   speculative: bool = False
+  itl_slo_ms: int = 0  # the session's inter-token-latency SLO (0: the server's default)
 
 
 @dataclasses.dataclass
 class _VerifyJob(_Job):
   slot: int = -1
   tree: DraftTree = dataclasses.field(kw_only=True)  # always given (by keyword)
+  # Filled in by the engine thread when it takes the job: what the SLO scheduler sees (the
+  # context in every mode, the rest in 'slo' mode).
+  deadline_s: float = math.inf
+  node_values: tuple[float, ...] = ()
+  context_len: int = 0
+
+
+@dataclasses.dataclass
+class _SlotState:
+  """What the engine thread knows of one open session beyond the engine: for the estimator's
+  features and the SLO scheduler."""
+
+  context_len: int  # committed prefix rows in the target's cache
+  itl_slo_s: float  # 0: none
+  acceptance: slo_scheduler.AcceptanceStats = dataclasses.field(
+      default_factory=slo_scheduler.AcceptanceStats)
+  last_reply_at: float | None = None  # when its last answer (open or verify) was delivered
+  edge_time_s: float | None = None  # running mean of (next verify's arrival - last answer)
 
 
 @dataclasses.dataclass
@@ -153,12 +190,20 @@ class PrefillCache:
 
 
 class EngineWorker:
-  """The engine thread: sole owner of the TargetEngine, runs opens, closes and verify batches."""
+  """The engine thread: sole owner of the TargetEngine, runs opens, closes and verify batches.
+
+  `verify_time` is the forward-time estimator that 'slo' batching plans with and every mode
+  feeds (None: a fresh in-memory one with the default seed); the engine thread is its only user
+  once the worker runs, and saves it (if it has a path) every `save_every_s` and at the stop.
+  """
 
   def __init__(self, engine: api.TargetEngineProtocol, *, loop: asyncio.AbstractEventLoop,
                batching: BatchingConfig, max_batch_size: int, event_log: EventLog | None = None,
-               prefill_cache: PrefillCache | None = None):
+               prefill_cache: PrefillCache | None = None,
+               verify_time: VerifyTimeEstimator | None = None):
     self._engine = engine
+    self.verify_time = verify_time if verify_time is not None else VerifyTimeEstimator()
+    self._slots: dict[int, _SlotState] = {}
     self._loop = loop
     self._batching = batching
     self._max_batch_size = max_batch_size
@@ -175,6 +220,7 @@ class EngineWorker:
     self._late_slots: set[int] = set()
     self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
     self.batches_run = 0
+    self.truncated_nodes = 0  # tree nodes 'slo' batching cut off, over all batches
 
   def start(self) -> None:
     self._thread.start()
@@ -201,8 +247,7 @@ class EngineWorker:
     while not stopping:
       timeout = None
       if self._pending:
-        timeout = max(0.0, self._pending[0].enqueued_at + self._batching.deadline_s() -
-                      time.time())
+        timeout = max(0.0, self._wake_at() - time.time())
       try:
         item = self._inbox.get(timeout=timeout)
       except queue.Empty:
@@ -226,6 +271,10 @@ class EngineWorker:
           self._pending.clear()
           break
         self._run_batch()
+    try:
+      self.verify_time.save()  # no-op without a path
+    except OSError as e:
+      _log.warning("could not save the verify-time file %s: %s", self.verify_time.path, e)
 
   def _batch_ready(self) -> bool:
     pending = len(self._pending)
@@ -234,7 +283,51 @@ class EngineWorker:
     waiting_slots = {job.slot for job in self._pending}
     if self._active_slots - self._late_slots <= waiting_slots:  # every due session has joined
       return True
-    return time.time() >= self._pending[0].enqueued_at + self._batching.deadline_s()
+    return time.time() >= self._wake_at()
+
+  def _wake_at(self) -> float:
+    """When the pending verifies should run (a time already past: now)."""
+    if self._batching.mode != "slo":
+      return self._pending[0].enqueued_at + self._batching.deadline_s()
+    waiting_slots = {job.slot for job in self._pending}
+    expected = []  # when the absent sessions with a measured edge time should send theirs
+    for slot in self._active_slots - waiting_slots:
+      state = self._slots.get(slot)
+      if state is not None and state.last_reply_at is not None and state.edge_time_s is not None:
+        expected.append(state.last_reply_at + state.edge_time_s)
+    batching = self._batching
+    return slo_scheduler.start_time(
+        time.time(), self._candidates(), self.verify_time, max_batch_size=self._max_batch_size,
+        max_queue_s=batching.max_queue_ms / 1000.0, margin_s=batching.slo_margin_ms / 1000.0,
+        expected_arrivals=expected)
+
+  def _candidates(self) -> list[slo_scheduler.Candidate]:
+    return [slo_scheduler.Candidate(key=i, arrival_s=job.enqueued_at, deadline_s=job.deadline_s,
+                                    node_values=job.node_values, context_len=job.context_len)
+            for i, job in enumerate(self._pending)]
+
+  def _schedule(self, job: _VerifyJob) -> None:
+    """Fills in what the SLO scheduler sees of a verify it has just taken: its session's prefix,
+    its tree's node values and its round's deadline."""
+    state = self._slots.get(job.slot)
+    if state is None:  # not opened here (never for an active slot): whole, due at the bound
+      job.node_values = (0.0,) * len(job.tree.tokens)
+      job.deadline_s = job.enqueued_at + self._batching.max_queue_ms / 1000.0
+      return
+    job.context_len = state.context_len
+    if self._batching.mode != "slo":
+      return
+    values = state.acceptance.node_values(job.tree.parents)
+    job.node_values = tuple(float(v) for v in values)
+    # This round's own edge time: from the answer it follows to its arrival here.
+    edge_time = (job.enqueued_at - state.last_reply_at if state.last_reply_at is not None
+                 else 0.0)
+    if state.last_reply_at is not None:
+      state.edge_time_s = (edge_time if state.edge_time_s is None
+                           else 0.5 * (state.edge_time_s + edge_time))
+    job.deadline_s = slo_scheduler.round_deadline(
+        job.enqueued_at, itl_slo_s=state.itl_slo_s, expected_emitted=1.0 + float(values.sum()),
+        edge_time_s=max(edge_time, 0.0), max_queue_s=self._batching.max_queue_ms / 1000.0)
 
   def _accept(self, job: _Job) -> None:
     try:
@@ -248,6 +341,7 @@ class EngineWorker:
           raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"slot {job.slot} is not an active session")
         self._late_slots.discard(job.slot)  # it is back: later batches wait for it again
+        self._schedule(job)
         self._pending.append(job)
       else:
         raise TypeError(f"unknown job {job!r}")
@@ -281,6 +375,13 @@ class EngineWorker:
     ended = time.time()
     if not finished:
       self._active_slots.add(slot)
+      # Rows before the next tree: the prompt, the resumed tokens but the next root, or for a
+      # speculative first round the prompt but its last token (the first tree's root).
+      context = (len(job.prompt_ids) - 1 if job.speculative else
+                 len(job.prompt_ids) + max(len(job.resume_tokens) - 1, 0))
+      slo_ms = job.itl_slo_ms or self._batching.default_itl_slo_ms
+      self._slots[int(slot)] = _SlotState(context_len=context, itl_slo_s=slo_ms / 1000.0,
+                                          last_reply_at=ended)
     if self._events is not None:
       self._events.emit("server_batch", t_start=started, t_end=ended, op="prefill", batch_size=1,
                         tokens=0 if snapshot is not None else
@@ -291,6 +392,11 @@ class EngineWorker:
     return OpenResult(slot=int(slot), first_token=int(first_token), finished=bool(finished),
                       queue_time_s=started - job.enqueued_at, forward_time_s=ended - started,
                       prefill_cache_hit=snapshot is not None)
+
+  def _shape(self, batch: list[_VerifyJob], trees: list[DraftTree]) -> BatchShape:
+    return BatchShape.of([len(tree.tokens) for tree in trees],
+                         [self._slots[job.slot].context_len if job.slot in self._slots else 0
+                          for job in batch])
 
   def _close(self, job: _CloseJob) -> None:
     kept: collections.deque[_VerifyJob] = collections.deque()
@@ -303,12 +409,35 @@ class EngineWorker:
     self._pending = kept
     self._active_slots.discard(job.slot)
     self._late_slots.discard(job.slot)
+    self._slots.pop(job.slot, None)
     self._engine.close(job.slot)
+
+  def _take_slo_batch(self) -> tuple[list[_VerifyJob], list[DraftTree], float]:
+    """The batch `slo_scheduler.plan_batch` picks, its trees cut to the planned prefixes, and
+    the estimated forward time; the rest stays pending, in order."""
+    batching = self._batching
+    plan = slo_scheduler.plan_batch(
+        time.time(), self._candidates(), self.verify_time, max_batch_size=self._max_batch_size,
+        max_queue_s=batching.max_queue_ms / 1000.0, margin_s=batching.slo_margin_ms / 1000.0)
+    jobs = list(self._pending)
+    chosen = {selection.key for selection in plan.selections}
+    self._pending = collections.deque(job for i, job in enumerate(jobs) if i not in chosen)
+    batch = [jobs[typing.cast(int, selection.key)] for selection in plan.selections]
+    trees = [job.tree if selection.keep_nodes >= selection.tree_nodes else
+             DraftTree(tokens=job.tree.tokens[:selection.keep_nodes],
+                       parents=job.tree.parents[:selection.keep_nodes])
+             for job, selection in zip(batch, plan.selections)]
+    return batch, trees, plan.estimated_s
 
   def _run_batch(self) -> None:
     batch: list[_VerifyJob] = []
-    while self._pending and len(batch) < self._max_batch_size:
-      batch.append(self._pending.popleft())
+    if self._batching.mode == "slo":
+      batch, trees, estimated_s = self._take_slo_batch()
+    else:
+      while self._pending and len(batch) < self._max_batch_size:
+        batch.append(self._pending.popleft())
+      trees = [job.tree for job in batch]
+      estimated_s = self.verify_time.predict_s(self._shape(batch, trees))
     if self._batching.mode == "static" and len(batch) < self._max_batch_size:
       # Room was left and the batch ran anyway: due sessions that did not join were waited for
       # until the deadline. Stop waiting for them.
@@ -316,7 +445,7 @@ class EngineWorker:
       self._late_slots |= self._active_slots - present
     started = time.time()
     try:
-      results = self._engine.verify([(job.slot, job.tree) for job in batch])
+      results = self._engine.verify([(job.slot, tree) for job, tree in zip(batch, trees)])
       if len(results) != len(batch):
         raise RuntimeError(f"engine.verify returned {len(results)} results for {len(batch)} trees")
     except Exception as e:  # pylint: disable=broad-except
@@ -329,17 +458,34 @@ class EngineWorker:
       return
     ended = time.time()
     self.batches_run += 1
+    truncated = int(sum(len(job.tree.tokens) - len(tree.tokens)
+                        for job, tree in zip(batch, trees)))
+    self.truncated_nodes += truncated
+    shape = self._shape(batch, trees)
     queue_times = [started - job.enqueued_at for job in batch]
     if self._events is not None:
       self._events.emit("server_batch", t_start=started, t_end=ended, op="verify",
-                        batch_size=len(batch),
-                        tokens=int(sum(len(job.tree.tokens) for job in batch)),
+                        batch_size=len(batch), tokens=shape.tree_tokens,
                         forward_time_s=ended - started,
                         queue_time_s=float(np.mean(queue_times)),
                         request_ids=[job.request_id for job in batch],
-                        accepted_depths=[len(result.accepted) for result in results])
+                        accepted_depths=[len(result.accepted) for result in results],
+                        truncated_nodes=truncated, estimated_time_s=estimated_s)
     for job, result, queue_time in zip(batch, results, queue_times):
       if result.finished:
         self._active_slots.discard(job.slot)
       self._deliver(job, VerifyOutcome(result=result, queue_time_s=queue_time,
                                        forward_time_s=ended - started, batch_size=len(batch)))
+    # The answers are on their way; what follows delays none of them, and it is done before this
+    # thread takes any later job of these sessions.
+    for job, tree, result in zip(batch, trees, results):
+      state = self._slots.get(job.slot)
+      if state is not None:
+        state.context_len += 1 + len(result.accepted)  # the root and the accepted path
+        state.last_reply_at = ended
+        if self._batching.mode == "slo":  # counted against the full tree the edge sent
+          state.acceptance.observe(job.tree.tokens, job.tree.parents, len(tree.tokens),
+                                   result.accepted, result.bonus)
+    self.verify_time.observe(shape, ended - started)
+    self.verify_time.refit()  # now, rather than in the next batch's critical path
+    self.verify_time.maybe_save()

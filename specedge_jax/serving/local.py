@@ -238,10 +238,15 @@ def _common_flags(config_path: str, cpus: Sequence[int]) -> list[str]:
 
 def child_argvs(options: LocalOptions, num_drafters: int, *, config_path: str, port: int,
                 server_security: Sequence[str], drafter_security: Sequence[Sequence[str]],
-                topology: netns_lib.NetnsTopology | None = None) -> dict[str, list[str]]:
+                topology: netns_lib.NetnsTopology | None = None,
+                draft_dirs: Sequence[str] = ()) -> dict[str, list[str]]:
   """The command line of every child of the SpecEdge run (serve mode: of the verifier and its
   one HTTP drafter), by name, in start order; with a `topology`, each run in its namespace.
+  Drafter i gets `--draft=draft_dirs[i]` (`run_local` passes `models.draft_for(i)`, so each
+  drafter's model shows on its command line); () leaves the choice to the drafter's config.
   Pure: starts nothing, writes nothing."""
+  if draft_dirs and len(draft_dirs) != num_drafters:
+    raise ValueError(f"{len(draft_dirs)} draft_dirs for {num_drafters} drafters")
   files = _Files(options.out_dir, num_drafters)
   host = topology.server_address if topology is not None else VERIFIER_HOST
   server_prefix = topology.server_prefix if topology is not None else []
@@ -256,11 +261,12 @@ def child_argvs(options: LocalOptions, num_drafters: int, *, config_path: str, p
       http = [f"--http_port={options.http_port}", f"--http_host={options.http_host}",
               f"--http_port_file={files.http_port_file}"]
     drafter_prefix = topology.drafter_prefix(i) if topology is not None else []
+    draft = [f"--draft={draft_dirs[i]}"] if draft_dirs else []
     argvs[name] = drafter_prefix + processes.python_module_argv(
         "launch.drafter", *_common_flags(config_path, options.drafter_cpus),
         f"--server={host}:{port}", f"--client_index={i}",
         f"--event_log={files.events(name)}", f"--run_id={options.run_id}", *drafter_security[i],
-        *http)
+        *draft, *http)
   return argvs
 
 
@@ -355,7 +361,8 @@ def run_local(config: ServingConfig, options: LocalOptions,
                      env=_child_env(options))
     argvs = child_argvs(options, files.num_drafters, config_path=config_path, port=port,
                         server_security=server_flags, drafter_security=drafter_flags,
-                        topology=topology)
+                        topology=topology,
+                        draft_dirs=[config.models.draft_for(i) for i in range(files.num_drafters)])
     for name, argv in argvs.items():
       logs[name] = files.log(name)
       children.start(name, argv, logs[name], env=_child_env(options))

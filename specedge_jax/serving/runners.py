@@ -21,6 +21,7 @@ import grpc
 from specedge_jax.engine import DraftEngine, TargetEngine, prefix_cache
 from specedge_jax.measure.events import EventLog
 from specedge_jax.models import sharding as sharding_lib
+from specedge_jax.data import tokenizer_fingerprint as fingerprint_lib
 from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
 from specedge_jax.serving import prefill_store
@@ -29,6 +30,7 @@ from specedge_jax.serving import workload
 from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, RequestOutput
 from specedge_jax.serving.verifier import VerifierServer
+from specedge_jax.serving.verify_time import VerifyTimeEstimator
 
 _log = logging.getLogger(__name__)
 
@@ -102,16 +104,22 @@ def build_target_engine(config: ServingConfig, model=None, *,
   return engine
 
 
-def build_draft_engine(config: ServingConfig, num_slots: int | None = None,
-                       model=None) -> DraftEngine:
-  """An edge's draft engine, warmed up (one drafter at a time per compilation cache, so that
-  drafters started together compile the draft programs once: `compile_lock`)."""
+def build_draft_engine(config: ServingConfig, num_slots: int | None = None, model=None, *,
+                       tokenizer: fingerprint_lib.TokenizerFingerprint | None = None
+                       ) -> DraftEngine:
+  """An edge's draft engine (of `config.models.draft`), warmed up (one drafter at a time per
+  compilation cache, so that drafters started together compile the draft programs once:
+  `compile_lock`). With `tokenizer`, a model whose embedding is smaller than that tokenizer's
+  vocabulary is refused (ValueError) before the warm-up."""
   from specedge_jax.engine import compile_lock  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   model = model or load_model(config.models.draft, config.models.dtype)
   loaded = time.perf_counter()
   _log.info("draft model loaded in %.2f s", loaded - start)
+  if tokenizer is not None:
+    fingerprint_lib.check_model_vocab(int(model.config.vocab_size), tokenizer,
+                                      f"the draft model {config.models.draft}")
   engine = DraftEngine(model, num_slots=num_slots or config.edge.requests_per_drafter,
                        max_len=config.edge.max_len, tree=config.tree, proactive=config.proactive)
   with compile_lock.exclusive("draft-warmup") as waited_s:
@@ -137,9 +145,13 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
   if security is not None:
     security_lib.server_credentials(security)  # a refused config fails before the model loads
   engine = build_target_engine(config, decode=False)  # a verifier only verifies
-  tokenizer = None
+  tokenizer, fingerprint = None, None
   if has_tokenizer(config.models.tokenizer_dir):
     tokenizer = workload.load_tokenizer(config.models.tokenizer_dir)
+    # What every edge's tokenizer is compared with at open; the target's embedding must cover it.
+    fingerprint = fingerprint_lib.of_tokenizer(tokenizer)
+    fingerprint_lib.check_model_vocab(int(engine.vocab_size), fingerprint,
+                                      f"the target model {config.models.target}")
   log = event_log(events_path, "specedge")
   metrics = None
   if metrics_port is not None:
@@ -162,12 +174,15 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
     # Every precomputed prompt stays; prefill_cache_entries is the room left for the others.
     prefill_entries += len(precomputed.snapshots)
   server = VerifierServer(engine, batching=config.server.batching, tokenizer=tokenizer,
+                          tokenizer_fingerprint=fingerprint,
                           event_log=log, prefill_cache_entries=prefill_entries,
                           session_timeout_s=config.server.session_timeout_s,
                           max_sessions_per_client=config.server.max_sessions_per_client,
                           admission_queue=config.server.admission_queue,
                           admission_wait_s=config.server.admission_wait_s,
-                          security=security)
+                          security=security,
+                          verify_time=VerifyTimeEstimator.from_config(
+                              config.server.verify_time_path, config.server.verify_time_seed))
   if precomputed is not None and server.prefill_cache is not None:
     precomputed.seed(server.prefill_cache)  # opens of these prompts take the cache's hit path
   bound = await server.start(f"{host}:{port}")
@@ -260,7 +275,32 @@ async def wait_for_serving(channel: grpc.aio.Channel, address: str, timeout_s: f
     await asyncio.sleep(0.2)
 
 
-def _drafter_config(config: ServingConfig, client_index: int) -> DrafterConfig:
+def with_drafter_model(config: ServingConfig, client_index: int) -> ServingConfig:
+  """The config as drafter `client_index` runs it: `models.draft` is its own draft model
+  (`ModelsConfig.draft_for`), and `models.drafts` is spent."""
+  models = dataclasses.replace(config.models, draft=config.models.draft_for(client_index),
+                               drafts=())
+  return dataclasses.replace(config, models=models)
+
+
+def edge_tokenizer(config: ServingConfig) -> fingerprint_lib.TokenizerFingerprint | None:
+  """The fingerprint an edge sends at open: of its draft folder's own tokenizer, else of the
+  configured one (which its prompts are tokenized with); None when neither folder holds a
+  tokenizer (random test checkpoints), and the verifier then checks nothing."""
+  for folder in (config.models.draft, config.models.tokenizer_dir):
+    if has_tokenizer(folder):
+      return fingerprint_lib.of_tokenizer(workload.load_tokenizer(folder))
+  return None
+
+
+def draft_model_name(config: ServingConfig) -> str:
+  """The draft model as the edge's events name it: its folder's name."""
+  return os.path.basename(os.path.normpath(config.models.draft))
+
+
+def _drafter_config(config: ServingConfig, client_index: int, *,
+                    tokenizer: fingerprint_lib.TokenizerFingerprint | None = None
+                    ) -> DrafterConfig:
   edge = config.edge
   return DrafterConfig(
       client_id=f"edge{client_index}", max_concurrent_requests=edge.requests_per_drafter,
@@ -270,23 +310,28 @@ def _drafter_config(config: ServingConfig, client_index: int) -> DrafterConfig:
       simulated_rtt_ms=edge.simulated_rtt_ms, open_give_up_s=edge.open_give_up_s,
       speculative_first_round=edge.speculative_first_round,
       rpc_timeout_s=edge.rpc_timeout_s, verify_retries=edge.verify_retries,
-      reconnect_give_up_s=edge.reconnect_give_up_s)
+      reconnect_give_up_s=edge.reconnect_give_up_s, draft_model=draft_model_name(config),
+      tokenizer=tokenizer, itl_slo_ms=edge.itl_slo_ms)
 
 
 async def run_drafter(config: ServingConfig, server_address: str, *, client_index: int = 0,
                       events_path: str | None = None, run_id: str | None = None,
                       on_tokens=None, connect_timeout_s: float = 600.0,
                       security: security_lib.ClientSecurity | None = None) -> list[RequestOutput]:
-  """Loads the draft model, serves this client's share of the workload, returns the outputs.
+  """Loads this client's draft model (`ModelsConfig.draft_for`), serves its share of the
+  workload, returns the outputs. Raises `drafter.TokenizerRefused` when the verifier refuses
+  the draft's tokenizer.
 
   `security` None connects in plaintext without a token (the old behaviour)."""
   if security is not None:
     security.require_allowed()  # a refused config fails before the model loads
+  config = with_drafter_model(config, client_index)
   requests = workload.requests_for_client(config, client_index)  # by workload.mode
-  engine = build_draft_engine(config)
+  tokenizer = edge_tokenizer(config)
+  engine = build_draft_engine(config, tokenizer=tokenizer)
   log = event_log(events_path, "specedge")
   tags = {"run_id": run_id} if run_id else {}
-  drafter_config = _drafter_config(config, client_index)
+  drafter_config = _drafter_config(config, client_index, tokenizer=tokenizer)
   try:
     async with _channel(server_address, security) as channel:
       await wait_for_serving(channel, server_address, connect_timeout_s)
@@ -320,8 +365,10 @@ async def serve_drafter_http(config: ServingConfig, server_address: str, *,
   if not has_tokenizer(config.models.tokenizer_dir):
     raise ValueError(f"the HTTP API needs the target's tokenizer (chat template, decoding); "
                      f"{config.models.tokenizer_dir!r} holds none: set models.tokenizer")
+  config = with_drafter_model(config, client_index)
   tokenizer = workload.load_tokenizer(config.models.tokenizer_dir)
-  engine = build_draft_engine(config)
+  fingerprint = edge_tokenizer(config)
+  engine = build_draft_engine(config, tokenizer=fingerprint)
   metrics = prometheus.EdgeMetrics()
   # Events feed /metrics; without a log file none are kept in memory (a server runs for days).
   log = EventLog(events_path, "specedge", keep_in_memory=False)
@@ -331,8 +378,9 @@ async def serve_drafter_http(config: ServingConfig, server_address: str, *,
   async with _channel(server_address, security) as channel:
     # The API opens once the verifier serves (a request before would wait for it anyway).
     await wait_for_serving(channel, server_address, connect_timeout_s)
-    drafter = Drafter(engine, channel, _drafter_config(config, client_index), event_log=log,
-                      event_tags=tags)
+    drafter = Drafter(engine, channel,
+                      _drafter_config(config, client_index, tokenizer=fingerprint),
+                      event_log=log, event_tags=tags)
     metrics.set_gauge_sources(free_slots=lambda: drafter.stats()["free_slots"],
                               running=lambda: drafter.stats()["running"],
                               queued=lambda: drafter.stats()["queued"])

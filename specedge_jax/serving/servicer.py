@@ -38,6 +38,7 @@ from google.protobuf import message as protobuf_message
 
 from specedge_jax import api
 from specedge_jax.api import DraftTree, SamplingParams
+from specedge_jax.data import tokenizer_fingerprint as fingerprint_lib
 from specedge_jax.serving.engine_worker import (EngineWorker, OpenResult, RequestError,
                                                 VerifyOutcome, _CloseJob, _Job, _OpenJob,
                                                 _VerifyJob)
@@ -181,6 +182,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   """The `specedge.v1.Verifier` handlers. Runs on the event loop; see the module docstring."""
 
   def __init__(self, worker: EngineWorker, limits: EngineLimits, *, tokenizer=None,
+               tokenizer_fingerprint: fingerprint_lib.TokenizerFingerprint | None = None,
                eos_token_ids: Sequence[int] = (), identify: Identify | None = None,
                max_sessions_per_client: int = 0, admission_queue: int = 0,
                admission_wait_s: float = 10.0):
@@ -189,12 +191,17 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     one client may hold, keyed by its authenticated name, else by its `client_id` label; 0 is
     no cap beyond the slots. Opens that find every slot taken wait in a FIFO queue of
     `admission_queue` places for up to `admission_wait_s`; past it (and at once with no queue)
-    they get RESOURCE_EXHAUSTED with a `retry-after-ms` hint in the trailing metadata."""
+    they get RESOURCE_EXHAUSTED with a `retry-after-ms` hint in the trailing metadata.
+    `tokenizer_fingerprint` is the target's tokenizer: an open whose edge tokenizer differs gets
+    FAILED_PRECONDITION (None: edges' tokenizers are not checked)."""
     if max_sessions_per_client < 0:
       raise ValueError(f"max_sessions_per_client must be >= 0, got {max_sessions_per_client}")
     self._worker = worker
     self._limits = limits
     self._tokenizer = tokenizer
+    # The target's tokenizer, which every open's `tokenizer` is compared with (None: unchecked).
+    self._fingerprint = tokenizer_fingerprint
+    self._unchecked_logged: set[str] = set()  # which of the log-once lines were written
     self._eos_token_ids = tuple(int(t) for t in eos_token_ids)
     self._identify = identify
     self._max_sessions_per_client = max_sessions_per_client
@@ -259,6 +266,37 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       ids = tuple(request.prompt_token_ids)
     self._check_vocabulary("prompt token ids", ids)
     return ids, has_text
+
+  def _check_tokenizer(self, request: specedge_pb2.OpenSessionRequest) -> None:
+    """FAILED_PRECONDITION, naming every difference, when the edge's tokenizer is not the
+    target's: its token ids would mean other text here. Before any other work, as it fails every
+    open of that edge alike (trailing metadata `specedge-refused: tokenizer` tells the edge so)."""
+    if not request.HasField("tokenizer"):
+      self._log_once("unset", "an OpenSession without a tokenizer fingerprint (client %r; an "
+                     "older edge): accepted, its tokenizer unchecked (logged once)",
+                     request.client_id)
+      return
+    wire = request.tokenizer
+    theirs = fingerprint_lib.TokenizerFingerprint.from_fields(
+        vocab_size=wire.vocab_size, special_tokens=dict(wire.special_tokens),
+        vocab_sha256=wire.vocab_sha256, range_digests=wire.range_digests)
+    if self._fingerprint is not None:
+      message = fingerprint_lib.mismatch_message(self._fingerprint, theirs)
+    elif theirs.vocab_size > self._limits.vocab_size:  # what can be checked without a tokenizer
+      message = (f"the drafter's tokenizer has {theirs.vocab_size} tokens, more than the target "
+                 f"model's vocab_size {self._limits.vocab_size}")
+    else:
+      self._log_once("no_reference", "this verifier has no tokenizer to compare the edges' "
+                     "with (client %r): accepted unchecked (logged once)", request.client_id)
+      return
+    if message:
+      raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, message,
+                         (("specedge-refused", "tokenizer"),))
+
+  def _log_once(self, key: str, message: str, *args) -> None:
+    if key not in self._unchecked_logged:
+      self._unchecked_logged.add(key)
+      _log.warning(message, *args)
 
   def _check_vocabulary(self, what: str, tokens: Sequence[int]) -> None:
     bad = [t for t in tokens if not 0 <= t < self._limits.vocab_size]
@@ -369,6 +407,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{name} has {len(getattr(request, name))} characters; labels have "
                            f"at most {MAX_LABEL_CHARS}")
+    self._check_tokenizer(request)
     quota_key = caller if self._identify is not None else request.client_id
     key = ((quota_key, request.request_id, len(request.resume_tokens), request.resume_rounds)
            if request.request_id else None)
@@ -400,6 +439,9 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     sampling = self._sampling(request)
     if not 0 <= request.seed <= _MAX_SEED:
       raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"seed must be >= 0, got {request.seed}")
+    if request.itl_slo_ms < 0:
+      raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"itl_slo_ms must be >= 0 (0: none), got {request.itl_slo_ms}")
     try:
       api.check_cache_room(len(prompt_ids), int(request.max_new_tokens),
                            max_tree_nodes=self._limits.max_tree_nodes,
@@ -412,7 +454,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     job = _OpenJob(future=self._new_future(), request_id=request_id, prompt_ids=prompt_ids,
                    sampling=sampling, seed=int(request.seed),
                    max_new_tokens=int(request.max_new_tokens), resume_tokens=resume,
-                   resume_rounds=int(request.resume_rounds), speculative=first_tree is not None)
+                   resume_rounds=int(request.resume_rounds), speculative=first_tree is not None,
+                   itl_slo_ms=int(request.itl_slo_ms))
     self._opens_in_flight += 1
     self._opens_in_flight_by[quota_key] += 1
     if woken:  # the slot it was woken for is taken now

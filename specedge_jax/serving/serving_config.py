@@ -18,7 +18,7 @@ from specedge_jax.api import ProactiveParams, SamplingParams, TreeParams
 from specedge_jax.mesh_shape import parse_mesh_shape
 
 WORKLOAD_SOURCES = ("embedded", "c4", "mtbench", "oasst", "wikitext", "specbench")
-BATCHING_MODES = ("static", "dynamic")
+BATCHING_MODES = ("static", "dynamic", "slo")
 # How a run deals its requests to the drafters (`WorkloadConfig.mode`).
 WORKLOAD_MODES = ("sharded", "reference")
 
@@ -28,12 +28,23 @@ class BatchingConfig:
   """How the engine thread groups verify requests into one forward.
 
   mode: 'dynamic' takes what is queued after at most `max_wait_ms`; 'static' waits for a full
-    batch (`max_batch_size`, or every active session) but at most `static_timeout_s`.
+    batch (`max_batch_size`, or every active session) but at most `static_timeout_s`; 'slo'
+    forms batches by the sessions' inter-token-latency SLOs and the verify-time estimate, and
+    may cut trees to fit (`slo_scheduler.py`).
+  default_itl_slo_ms: 'slo': the ITL SLO of a session whose open carries none (0: no SLO; such
+    a session's rounds are due after `max_queue_ms`).
+  max_queue_ms: 'slo': the starvation bound. A verify that waited this long goes into the next
+    batch first, whatever its deadline and value, and no batch holds its oldest verify longer.
+  slo_margin_ms: 'slo': time kept back from every deadline for the estimate's error and the
+    host's work around the forward.
   """
 
   mode: str = "dynamic"
   max_wait_ms: float = 0.0
   static_timeout_s: float = 5.0
+  default_itl_slo_ms: float = 0.0
+  max_queue_ms: float = 100.0
+  slo_margin_ms: float = 1.0
 
   def __post_init__(self):
     if self.mode not in BATCHING_MODES:
@@ -42,24 +53,50 @@ class BatchingConfig:
       raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
     if not self.static_timeout_s > 0:
       raise ValueError(f"static_timeout_s must be > 0, got {self.static_timeout_s}")
+    if not (self.default_itl_slo_ms >= 0 and self.max_queue_ms > 0 and self.slo_margin_ms >= 0):
+      raise ValueError("default_itl_slo_ms and slo_margin_ms must be >= 0 and max_queue_ms > 0, "
+                       f"got {self.default_itl_slo_ms}, {self.slo_margin_ms}, "
+                       f"{self.max_queue_ms}")
 
   def deadline_s(self) -> float:
-    return self.static_timeout_s if self.mode == "static" else self.max_wait_ms / 1000.0
+    """The longest a batch holds its oldest request ('slo' decides earlier, by deadlines)."""
+    if self.mode == "static":
+      return self.static_timeout_s
+    return self.max_queue_ms / 1000.0 if self.mode == "slo" else self.max_wait_ms / 1000.0
 
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelsConfig:
-  """Checkpoints: HF folders or orbax checkpoint dirs (see `orbax_io.load_model`)."""
+  """Checkpoints: HF folders or orbax checkpoint dirs (see `orbax_io.load_model`).
+
+  drafts: heterogeneous edges. Drafter i runs `drafts[i % len(drafts)]` (`draft_for`), so a list
+    of two alternates the models over any number of drafters; empty: every drafter runs `draft`.
+    Each must share the target's tokenizer (the verifier refuses the others at open). `draft`
+    stays the server-only speculative baseline's draft and the default.
+  """
 
   target: str
   draft: str
   tokenizer: str = ""  # folder with the tokenizer; empty: the target folder
   dtype: str = ""  # parameter dtype: 'fp32', 'bf16', 'fp16'; empty: as stored
+  drafts: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if isinstance(self.drafts, str):  # a lone folder would be taken as a list of characters
+      raise ValueError(f"models.drafts must be a list of folders, got {self.drafts!r}")
+    drafts = tuple(self.drafts)  # JSON and ConfigDict give lists
+    if not all(isinstance(d, str) and d for d in drafts):
+      raise ValueError(f"models.drafts must be non-empty folder names, got {list(drafts)}")
+    object.__setattr__(self, "drafts", drafts)
 
   @property
   def tokenizer_dir(self) -> str:
     return self.tokenizer or self.target
+
+  def draft_for(self, client_index: int) -> str:
+    """The draft model folder drafter `client_index` runs."""
+    return self.drafts[client_index % len(self.drafts)] if self.drafts else self.draft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +132,12 @@ class ServerConfig:
   # memory over the devices) and the fraction of it the verifier may plan to use.
   device_memory_gb: float = 0.0
   memory_headroom: float = 0.9
+  # The verify-time estimator (serving/verify_time.py), which batching mode 'slo' plans with and
+  # every mode feeds with its measured batches: the JSON file its measurements persist in across
+  # restarts ('': in memory only), and the `launch.bench_core --out_json` verify curve it starts
+  # from ('': the built-in CPU defaults).
+  verify_time_path: str = ""
+  verify_time_seed: str = ""
 
   def __post_init__(self):
     for name in ("num_slots", "max_batch_size", "max_len", "prefill_chunk"):
@@ -145,8 +188,14 @@ class EdgeConfig:
   # The reference's speculative first round: the edge drafts on the prompt and the server
   # prefills prompt[:-1] and verifies that tree in the open (drafter.py).
   speculative_first_round: bool = False
+  # The inter-token-latency SLO each of this edge's sessions asks for, in ms (0: none; the
+  # verifier then applies its server.batching.default_itl_slo_ms). Only batching mode 'slo'
+  # reads it.
+  itl_slo_ms: int = 0
 
   def __post_init__(self):
+    if self.itl_slo_ms < 0:
+      raise ValueError(f"edge.itl_slo_ms must be >= 0, got {self.itl_slo_ms}")
     if self.max_queued_requests < 0 or not self.open_give_up_s > 0:
       raise ValueError("edge.max_queued_requests must be >= 0 and edge.open_give_up_s > 0")
     if not (self.rpc_timeout_s > 0 and self.reconnect_give_up_s >= 0 and self.verify_retries >= 0):

@@ -28,11 +28,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from specedge_jax import api
+from specedge_jax.data.tokenizer_fingerprint import TokenizerFingerprint
 from specedge_jax.measure.events import EventLog
 from specedge_jax.serving.engine_worker import EngineWorker, PrefillCache
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving.serving_config import BatchingConfig
 from specedge_jax.serving.servicer import SERVICE_NAME, EngineLimits, VerifierServicer
+from specedge_jax.serving.verify_time import VerifyTimeEstimator
 
 
 
@@ -49,25 +51,32 @@ class VerifierServer:
 
   def __init__(self, engine: api.TargetEngineProtocol, *,
                batching: BatchingConfig = BatchingConfig(),
-               tokenizer=None, eos_token_ids: Sequence[int] | None = None,
+               tokenizer=None, tokenizer_fingerprint: TokenizerFingerprint | None = None,
+               eos_token_ids: Sequence[int] | None = None,
                event_log: EventLog | None = None, prefill_cache_entries: int = 0,
                session_timeout_s: float = 30.0, max_sessions_per_client: int = 0,
                admission_queue: int = 0, admission_wait_s: float = 10.0,
                limits: EngineLimits | None = None,
-               security: security_lib.ServerSecurity | None = None):
+               security: security_lib.ServerSecurity | None = None,
+               verify_time: VerifyTimeEstimator | None = None):
     """`session_timeout_s` is a session's lease: a session with no call for that long is closed
     and its slot freed. `max_sessions_per_client` (0: none) caps the sessions one client holds.
     Opens beyond the slots wait, first come first served, in a queue of `admission_queue` places
-    for up to `admission_wait_s` (0 places: refused at once, with a retry-after hint)."""
+    for up to `admission_wait_s` (0 places: refused at once, with a retry-after hint).
+    `tokenizer_fingerprint` (the target's tokenizer; `runners.serve_verifier` passes it) makes
+    opens from edges with another tokenizer fail with FAILED_PRECONDITION."""
     self.engine = engine
     self.security = security  # None: plaintext, no authentication (the old behaviour)
     self.limits = limits or EngineLimits.of(engine)
     self.batching = batching
     self._tokenizer = tokenizer
+    self._tokenizer_fingerprint = tokenizer_fingerprint
     self._eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else
                                 sorted(engine.eos_token_ids))
     self.event_log = event_log
     self._prefill_cache = PrefillCache(prefill_cache_entries) if prefill_cache_entries else None
+    # The forward-time estimator of batching mode 'slo' (None: in memory, default seed).
+    self.verify_time = verify_time
     self._session_timeout_s = session_timeout_s
     self._max_sessions_per_client = max_sessions_per_client
     self._admission = (admission_queue, admission_wait_s)
@@ -88,8 +97,10 @@ class VerifierServer:
     loop = asyncio.get_running_loop()
     self.worker = EngineWorker(self.engine, loop=loop, batching=self.batching,
                                max_batch_size=self.limits.max_batch_size,
-                               event_log=self.event_log, prefill_cache=self._prefill_cache)
+                               event_log=self.event_log, prefill_cache=self._prefill_cache,
+                               verify_time=self.verify_time)
     self.servicer = VerifierServicer(self.worker, self.limits, tokenizer=self._tokenizer,
+                                     tokenizer_fingerprint=self._tokenizer_fingerprint,
                                      eos_token_ids=self._eos_token_ids,
                                      max_sessions_per_client=self._max_sessions_per_client,
                                      admission_queue=self._admission[0],

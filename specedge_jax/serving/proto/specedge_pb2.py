@@ -24,31 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0especedge.proto\x12\x0bspecedge.v1\"R\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x42\x08\n\x06_top_p\"\x9f\x02\n\x12OpenSessionRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specedge.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x11\n\tclient_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x15\n\rresume_tokens\x18\x10 \x03(\x05\x12\x15\n\rresume_rounds\x18\x11 \x01(\x05\x12*\n\nfirst_tree\x18\x12 \x01(\x0b\x32\x16.specedge.v1.FirstTreeJ\x04\x08\x08\x10\x10\",\n\tFirstTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\"P\n\x0cServerTiming\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x16\n\x0e\x66orward_time_s\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"\xf5\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12)\n\x06timing\x18\x07 \x01(\x0b\x32\x19.specedge.v1.ServerTiming\x12\x30\n\x0b\x66irst_round\x18\x08 \x01(\x0b\x32\x1b.specedge.v1.VerifyResponse\"z\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nroot_token\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12\x11\n\x04step\x18\n \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_stepJ\x04\x08\x05\x10\n\"\xaa\x01\n\x0eVerifyResponse\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x01 \x03(\x05\x12\x13\n\x0b\x62onus_token\x18\x02 \x01(\x05\x12\x16\n\x0e\x65mitted_tokens\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.specedge.v1.ServerTiming\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\x14\x43loseSessionResponse\x12\x18\n\x10generated_tokens\x18\x01 \x01(\x05\x32\xfa\x01\n\x08Verifier\x12R\n\x0bOpenSession\x12\x1f.specedge.v1.OpenSessionRequest\x1a .specedge.v1.OpenSessionResponse\"\x00\x12\x43\n\x06Verify\x12\x1a.specedge.v1.VerifyRequest\x1a\x1b.specedge.v1.VerifyResponse\"\x00\x12U\n\x0c\x43loseSession\x12 .specedge.v1.CloseSessionRequest\x1a!.specedge.v1.CloseSessionResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0especedge.proto\x12\x0bspecedge.v1\"R\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x42\x08\n\x06_top_p\"\xe9\x02\n\x12OpenSessionRequest\x12\x13\n\x0bprompt_text\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.specedge.v1.SamplingParams\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x11\n\tclient_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nitl_slo_ms\x18\x08 \x01(\x05\x12\x15\n\rresume_tokens\x18\x10 \x03(\x05\x12\x15\n\rresume_rounds\x18\x11 \x01(\x05\x12*\n\nfirst_tree\x18\x12 \x01(\x0b\x32\x16.specedge.v1.FirstTree\x12\x34\n\ttokenizer\x18\x13 \x01(\x0b\x32!.specedge.v1.TokenizerFingerprintJ\x04\x08\t\x10\x10\"\xdb\x01\n\x14TokenizerFingerprint\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12L\n\x0especial_tokens\x18\x02 \x03(\x0b\x32\x34.specedge.v1.TokenizerFingerprint.SpecialTokensEntry\x12\x14\n\x0cvocab_sha256\x18\x03 \x01(\t\x12\x15\n\rrange_digests\x18\x04 \x01(\x0c\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\",\n\tFirstTree\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\"P\n\x0cServerTiming\x12\x14\n\x0cqueue_time_s\x18\x01 \x01(\x01\x12\x16\n\x0e\x66orward_time_s\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"\xf5\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12)\n\x06timing\x18\x07 \x01(\x0b\x32\x19.specedge.v1.ServerTiming\x12\x30\n\x0b\x66irst_round\x18\x08 \x01(\x0b\x32\x1b.specedge.v1.VerifyResponse\"z\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nroot_token\x18\x02 \x01(\x05\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12\x11\n\x04step\x18\n \x01(\x05H\x00\x88\x01\x01\x42\x07\n\x05_stepJ\x04\x08\x05\x10\n\"\xaa\x01\n\x0eVerifyResponse\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x01 \x03(\x05\x12\x13\n\x0b\x62onus_token\x18\x02 \x01(\x05\x12\x16\n\x0e\x65mitted_tokens\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.specedge.v1.ServerTiming\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"0\n\x14\x43loseSessionResponse\x12\x18\n\x10generated_tokens\x18\x01 \x01(\x05\x32\xfa\x01\n\x08Verifier\x12R\n\x0bOpenSession\x12\x1f.specedge.v1.OpenSessionRequest\x1a .specedge.v1.OpenSessionResponse\"\x00\x12\x43\n\x06Verify\x12\x1a.specedge.v1.VerifyRequest\x1a\x1b.specedge.v1.VerifyResponse\"\x00\x12U\n\x0c\x43loseSession\x12 .specedge.v1.CloseSessionRequest\x1a!.specedge.v1.CloseSessionResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specedge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TOKENIZERFINGERPRINT_SPECIALTOKENSENTRY']._loaded_options = None
+  _globals['_TOKENIZERFINGERPRINT_SPECIALTOKENSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=31
   _globals['_SAMPLINGPARAMS']._serialized_end=113
   _globals['_OPENSESSIONREQUEST']._serialized_start=116
-  _globals['_OPENSESSIONREQUEST']._serialized_end=403
-  _globals['_FIRSTTREE']._serialized_start=405
-  _globals['_FIRSTTREE']._serialized_end=449
-  _globals['_SERVERTIMING']._serialized_start=451
-  _globals['_SERVERTIMING']._serialized_end=531
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=534
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=779
-  _globals['_VERIFYREQUEST']._serialized_start=781
-  _globals['_VERIFYREQUEST']._serialized_end=903
-  _globals['_VERIFYRESPONSE']._serialized_start=906
-  _globals['_VERIFYRESPONSE']._serialized_end=1076
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1078
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1119
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1121
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1169
-  _globals['_VERIFIER']._serialized_start=1172
-  _globals['_VERIFIER']._serialized_end=1422
+  _globals['_OPENSESSIONREQUEST']._serialized_end=477
+  _globals['_TOKENIZERFINGERPRINT']._serialized_start=480
+  _globals['_TOKENIZERFINGERPRINT']._serialized_end=699
+  _globals['_TOKENIZERFINGERPRINT_SPECIALTOKENSENTRY']._serialized_start=647
+  _globals['_TOKENIZERFINGERPRINT_SPECIALTOKENSENTRY']._serialized_end=699
+  _globals['_FIRSTTREE']._serialized_start=701
+  _globals['_FIRSTTREE']._serialized_end=745
+  _globals['_SERVERTIMING']._serialized_start=747
+  _globals['_SERVERTIMING']._serialized_end=827
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=830
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1075
+  _globals['_VERIFYREQUEST']._serialized_start=1077
+  _globals['_VERIFYREQUEST']._serialized_end=1199
+  _globals['_VERIFYRESPONSE']._serialized_start=1202
+  _globals['_VERIFYRESPONSE']._serialized_end=1372
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1374
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1415
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1417
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1465
+  _globals['_VERIFIER']._serialized_start=1468
+  _globals['_VERIFIER']._serialized_end=1718
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("prompt_text", "prompt_token_ids", "sampling", "seed", "max_new_tokens", "client_id", "request_id", "resume_tokens", "resume_rounds", "first_tree")
+    __slots__ = ("prompt_text", "prompt_token_ids", "sampling", "seed", "max_new_tokens", "client_id", "request_id", "itl_slo_ms", "resume_tokens", "resume_rounds", "first_tree", "tokenizer")
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -25,9 +25,11 @@ class OpenSessionRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ITL_SLO_MS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUME_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TREE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     prompt_text: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -35,10 +37,31 @@ class OpenSessionRequest(_message.Message):
     max_new_tokens: int
     client_id: str
     request_id: str
+    itl_slo_ms: int
     resume_tokens: _containers.RepeatedScalarFieldContainer[int]
     resume_rounds: int
     first_tree: FirstTree
-    def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., client_id: _Optional[str] = ..., request_id: _Optional[str] = ..., resume_tokens: _Optional[_Iterable[int]] = ..., resume_rounds: _Optional[int] = ..., first_tree: _Optional[_Union[FirstTree, _Mapping]] = ...) -> None: ...
+    tokenizer: TokenizerFingerprint
+    def __init__(self, prompt_text: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., client_id: _Optional[str] = ..., request_id: _Optional[str] = ..., itl_slo_ms: _Optional[int] = ..., resume_tokens: _Optional[_Iterable[int]] = ..., resume_rounds: _Optional[int] = ..., first_tree: _Optional[_Union[FirstTree, _Mapping]] = ..., tokenizer: _Optional[_Union[TokenizerFingerprint, _Mapping]] = ...) -> None: ...
+
+class TokenizerFingerprint(_message.Message):
+    __slots__ = ("vocab_size", "special_tokens", "vocab_sha256", "range_digests")
+    class SpecialTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RANGE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    vocab_size: int
+    special_tokens: _containers.ScalarMap[str, int]
+    vocab_sha256: str
+    range_digests: bytes
+    def __init__(self, vocab_size: _Optional[int] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., vocab_sha256: _Optional[str] = ..., range_digests: _Optional[bytes] = ...) -> None: ...
 
 class FirstTree(_message.Message):
     __slots__ = ("tokens", "parents")
