@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
           # every start of the main job and every serving test pays on a fresh machine
           # (WORKSPACE_NOTES.md, "Scale and the GPU path"); --config.server.attention_min_rows=256.
           "attention_min_rows": 512,
+          "tree_buckets": (),  # e.g. (3, 5) with slo batching: small trees run small forwards
           "mesh_shape": "",  # one device; launch.verifier --mesh_shape=model=N shards
           "device_memory_gb": 0.0,  # the memory planner asks the device
           "memory_headroom": 0.9,

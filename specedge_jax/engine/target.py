@@ -53,11 +53,14 @@ class TargetEngine:
   def __init__(self, model, *, num_slots: int, max_len: int, max_tree_nodes: int,
                max_batch_size: int, prefill_chunk: int = 64, eos_token_ids: Sequence[int] = (),
                cache_dtype=None, attention_min_rows: int = 128,
-               mesh: jax.sharding.Mesh | None = None, consume_model: bool = False):
+               mesh: jax.sharding.Mesh | None = None, consume_model: bool = False,
+               tree_buckets: Sequence[int] = ()):
     """`attention_min_rows`: the smallest live-prefix bucket (`kv_cache.attend_buckets`); a
     value >= max_len attends over every row, as before buckets. `mesh`: shard the weights and
     the cache over it (`models/sharding.py`); None keeps everything on one device.
-    `consume_model`: delete the model's stacked weights while splitting them per layer (peak
+    `tree_buckets`: tree sizes below `max_tree_nodes` that verify also compiles for, so a
+    batch of small (or truncated) trees runs a smaller forward; () pads every tree to
+    max_tree_nodes. `consume_model`: delete the model's stacked weights while splitting them per layer (peak
     memory: the weights once, not twice); the model is unusable afterwards."""
     if max_tree_nodes < 1 or max_batch_size < 1 or num_slots < 1:
       raise ValueError("num_slots, max_tree_nodes and max_batch_size must be >= 1")
@@ -72,6 +75,10 @@ class TargetEngine:
       self.state, self.cache = sharding_lib.shard_engine_arrays(self.config, mesh, self.state,
                                                                 self.cache)
     self.attend_buckets = kv.attend_buckets(max_len, attention_min_rows)
+    if any(b < 1 for b in tree_buckets):
+      raise ValueError(f"tree buckets must be >= 1, got {tuple(tree_buckets)}")
+    self.tree_buckets = tuple(sorted({int(b) for b in tree_buckets if b < max_tree_nodes})
+                              ) + (max_tree_nodes,)
     self.num_slots, self.max_len = num_slots, max_len
     self.max_tree_nodes, self.max_batch_size = max_tree_nodes, max_batch_size
     self.chunk_sizes = prefill_lib.chunk_sizes(prefill_chunk)
@@ -321,8 +328,11 @@ class TargetEngine:
     return results
 
   def verify(self, requests: Sequence[tuple[int, DraftTree]]) -> list[VerifyResult]:
-    """Verifies (slot, tree) requests in one batched forward. Trees must pass api.validate_tree."""
-    return self._run(requests, self.max_tree_nodes)
+    """Verifies (slot, tree) requests in one batched forward. Trees must pass api.validate_tree.
+    The batch's trees are padded to the smallest tree bucket that holds the largest of them."""
+    largest = max((len(tree.tokens) for _, tree in requests), default=1)
+    return self._run(requests, next(b for b in self.tree_buckets if b >= largest)
+                     if largest <= self.max_tree_nodes else self.max_tree_nodes)
 
   def decode(self, slots: Sequence[int]) -> list[VerifyResult]:
     """One autoregressive step for each slot: a root-only tree, i.e. plain decoding."""
@@ -341,7 +351,7 @@ class TargetEngine:
                     for b in range(1, self.max_batch_size + 1)})
     # Lanes with num_nodes 0 and prefill chunks with count 0 write nothing (all rows dropped),
     # so warm-up compiles every variant without touching any slot.
-    for capacity in ([self.max_tree_nodes, 1] if decode else [self.max_tree_nodes]):
+    for capacity in (self.tree_buckets + (1,) if decode else self.tree_buckets):
       for attend_len in kv.reachable_buckets(self.attend_buckets, capacity):
         for size in sizes:
           zeros = np.zeros(size, np.int32)

@@ -98,6 +98,7 @@ def build_target_engine(config: ServingConfig, model=None, *,
                         max_tree_nodes=config.max_tree_nodes,
                         max_batch_size=server.max_batch_size, prefill_chunk=server.prefill_chunk,
                         attention_min_rows=server.attention_min_rows, mesh=mesh,
+                        tree_buckets=tuple(server.tree_buckets),
                         consume_model=loads_model)  # no one else holds the model
   engine.warmup(decode=decode, prefill_snapshots=server.prefill_cache_entries > 0)
   _log.info("target engine warmed up in %.2f s", time.perf_counter() - loaded)

@@ -125,6 +125,10 @@ class ServerConfig:
   # (from this one up to max_len) that holds the batch's longest prefix plus its tree; each
   # bucket is one more compiled program per batch size. >= max_len attends over every row.
   attention_min_rows: int = 128
+  # Tree sizes (nodes, root included) below the largest that verify also compiles for: a batch
+  # of small or truncated trees ('slo' batching, the speculation controller) then runs a
+  # smaller forward. Empty: every tree is padded to the largest (one program per batch size).
+  tree_buckets: tuple[int, ...] = ()
   # The target's devices: 'model=N' shards weights and cache over N devices (tensor
   # parallelism), 'data=D,model=N' also splits the slots over D groups; '' is one device.
   mesh_shape: str = ""
@@ -155,6 +159,11 @@ class ServerConfig:
       raise ValueError("server.admission_queue must be >= 0 and admission_wait_s > 0")
     if not self.drain_s >= 0:
       raise ValueError(f"server.drain_s must be >= 0, got {self.drain_s}")
+    if isinstance(self.tree_buckets, (str, int)) or not all(
+        isinstance(b, int) and b >= 1 for b in self.tree_buckets):
+      raise ValueError(f"server.tree_buckets must be a list of sizes >= 1, got "
+                       f"{self.tree_buckets!r}")
+    object.__setattr__(self, "tree_buckets", tuple(self.tree_buckets))  # JSON gives a list
     if self.attention_min_rows < 1:
       raise ValueError(f"server.attention_min_rows must be >= 1, got {self.attention_min_rows}")
     mesh = parse_mesh_shape(self.mesh_shape)  # a malformed shape fails here, by name

@@ -100,3 +100,27 @@ def test_speculative_greedy_across_buckets_equals_target_greedy(target):
                                             max_budget=8))
   assert E.generate(engine, prompts, draft=drafter, max_new_tokens=20).tokens == reference
   assert E.generate(engine, prompts, max_new_tokens=20).tokens == reference
+
+
+def test_tree_buckets_run_small_trees_in_a_small_forward(target):
+  """A batch of small trees uses the smallest tree bucket that holds them; the result equals
+  the padded-to-the-largest forward's."""
+  prompts = tiny_models.prompts(2, VOCAB, seed=3, min_len=4, max_len=10)
+  parents = np.array([-1, 0, 0], np.int32)
+  outs = []
+  for buckets in ((), (4,)):
+    engine = E.TargetEngine(target, num_slots=2, max_len=MAX_LEN, max_tree_nodes=NODES,
+                            max_batch_size=2, attention_min_rows=MAX_LEN, tree_buckets=buckets)
+    assert engine.tree_buckets == tuple(buckets) + (NODES,)
+    slots = []
+    for prompt in prompts:
+      slot, first, _ = engine.open(prompt, E.GREEDY, 0, 8)
+      slots.append((slot, first))
+    requests = [(slot, E.DraftTree(tokens=np.array([first, 5, 6], np.int32),
+                                   parents=parents)) for slot, first in slots]
+    capacities = []
+    run = engine._run
+    engine._run = lambda reqs, capacity: capacities.append(capacity) or run(reqs, capacity)
+    outs.append([(r.accepted, r.bonus) for r in engine.verify(requests)])
+    assert capacities == [4 if buckets else NODES]
+  assert outs[0] == outs[1]
