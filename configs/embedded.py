@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
           # (WORKSPACE_NOTES.md, "Scale and the GPU path"); --config.server.attention_min_rows=256.
           "attention_min_rows": 512,
           "tree_buckets": (),  # e.g. (3, 5) with slo batching: small trees run small forwards
+          "speculation_control": False,  # the verifier advises each edge its next tree
+          "control_reach_threshold": 0.3,
           "mesh_shape": "",  # one device; launch.verifier --mesh_shape=model=N shards
           "device_memory_gb": 0.0,  # the memory planner asks the device
           "memory_headroom": 0.9,

@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
           "max_sessions_per_client": 4,  # a drafter runs requests_per_drafter sessions
           "attention_min_rows": 256,  # live-prefix buckets 256, 512, ... max_len
           "tree_buckets": (),  # e.g. (3, 5) with slo batching: small trees run small forwards
+          "speculation_control": False,  # the verifier advises each edge its next tree
+          "control_reach_threshold": 0.3,
           "mesh_shape": "",  # e.g. "model=2" on two GPUs (launch.verifier --mesh_shape)
           "device_memory_gb": 0.0,  # the memory planner asks the device
           "memory_headroom": 0.9,

@@ -348,6 +348,22 @@ class RequestStream:
     return self.output
 
 
+@dataclasses.dataclass
+class _Control:
+  """A request's side of the speculation controller: the verifier's advice for its next tree
+  (None: the configured tree) and the network part of its last round, sent with the next."""
+
+  limits: api.TreeLimits | None = None
+  rtt_s: float = 0.0
+
+  def update(self, response: specedge_pb2.VerifyResponse, wait_s: float) -> None:
+    timing = response.timing
+    self.rtt_s = max(wait_s - timing.queue_time_s - timing.forward_time_s, 0.0)
+    advice = response.next_tree
+    self.limits = (api.TreeLimits(budget=advice.budget, depth=advice.depth)
+                   if advice.budget > 0 and advice.depth > 0 else None)
+
+
 class Drafter:
   """Serves a list of requests through one verifier, K at a time, on one draft engine.
 
@@ -701,14 +717,16 @@ class Drafter:
         if not finished:
           slot = draft_slot = await self._open_draft(prompt_ids, opened.first_token)
       if not finished:
+        control = _Control()
         while not finished:
           try:
             if self.config.interleave:
-              response, step = await self._round(request, session_id, slot, root, output.steps)
+              response, step = await self._round(request, session_id, slot, root, output.steps,
+                                                 control)
             else:
               async with self._turn_lock:
                 response, step = await self._round(request, session_id, slot, root,
-                                                   output.steps)
+                                                   output.steps, control)
           except ServerError as e:
             if e.code not in _RESUMABLE:
               raise
@@ -799,9 +817,11 @@ class Drafter:
       pass
 
   async def _round(self, request: EdgeRequest, session_id: str, draft_slot: int, root: int,
-                   round_index: int):
-    """One draft -> verify -> commit round of one request (its `round_index`-th)."""
-    draft_job = self._edge.submit(self.engine.draft, draft_slot, op="draft")
+                   round_index: int, control: "_Control"):
+    """One draft -> verify -> commit round of one request (its `round_index`-th). `control`
+    carries the verifier's advice for this tree and this edge's measured network time of the
+    last round, and is updated from this round's answer."""
+    draft_job = self._edge.submit(self.engine.draft, draft_slot, control.limits, op="draft")
     tree = await draft_job.future
     tokens = np.asarray(tree.tokens)
     parents = np.asarray(tree.parents)
@@ -815,13 +835,15 @@ class Drafter:
     try:
       response = await self._verify(specedge_pb2.VerifyRequest(
           session_id=session_id, root_token=root, tokens=tokens[1:].tolist(),
-          parents=parents[1:].tolist(), step=round_index))
+          parents=parents[1:].tolist(), step=round_index, edge_rtt_s=control.rtt_s,
+          edge_draft_s=draft_job.duration_s))
     finally:
       # Answered or not (failed, cancelled), the proactive tree of this round is useless now; one
       # not yet started must not run later on a slot that is being abandoned, closed or reused.
       if proactive_job is not None:
         EdgeDevice.cancel(proactive_job)
     wait_time = time.time() - sent
+    control.update(response, wait_time)
     result = VerifyResult(accepted=list(response.accepted_tokens), bonus=int(response.bonus_token),
                           emitted=list(response.emitted_tokens), finished=bool(response.finished))
     hit = await self._edge.run(self.engine.commit, draft_slot, result, op="commit")
@@ -831,7 +853,9 @@ class Drafter:
                           proactive_hit=None if hit is None else bool(hit),
                           server_queue_time_s=response.timing.queue_time_s,
                           server_forward_time_s=response.timing.forward_time_s,
-                          server_batch_size=response.timing.batch_size)
+                          server_batch_size=response.timing.batch_size,
+                          tree_limits=None if control.limits is None else
+                          [control.limits.budget, control.limits.depth])
 
   def _stream(self, tokens: list[int], finished: bool, request_id: str) -> None:
     if self._on_tokens is not None:

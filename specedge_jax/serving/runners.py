@@ -26,6 +26,7 @@ from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
 from specedge_jax.serving import prefill_store
 from specedge_jax.serving import security as security_lib
+from specedge_jax.serving import speculation_controller
 from specedge_jax.serving import workload
 from specedge_jax.serving.serving_config import ServingConfig
 from specedge_jax.serving.drafter import Drafter, DrafterConfig, RequestOutput
@@ -183,7 +184,11 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                           admission_wait_s=config.server.admission_wait_s,
                           security=security,
                           verify_time=VerifyTimeEstimator.from_config(
-                              config.server.verify_time_path, config.server.verify_time_seed))
+                              config.server.verify_time_path, config.server.verify_time_seed),
+                          controller=speculation_controller.SpeculationController(
+                              config.tree, speculation_controller.ControllerConfig(
+                                  reach_threshold=config.server.control_reach_threshold))
+                          if config.server.speculation_control else None)
   if precomputed is not None and server.prefill_cache is not None:
     precomputed.seed(server.prefill_cache)  # opens of these prompts take the cache's hit path
   bound = await server.start(f"{host}:{port}")

@@ -42,6 +42,7 @@ from specedge_jax.data import tokenizer_fingerprint as fingerprint_lib
 from specedge_jax.serving.engine_worker import (EngineWorker, OpenResult, RequestError,
                                                 VerifyOutcome, _CloseJob, _Job, _OpenJob,
                                                 _VerifyJob)
+from specedge_jax.serving import speculation_controller
 from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -161,6 +162,11 @@ class _Session:
   opened_at_step: int = 0  # steps_applied right after the open (a retry is only valid before)
   last_used: float = dataclasses.field(default_factory=time.monotonic)
   opened_at: float = dataclasses.field(default_factory=time.monotonic)
+  itl_slo_s: float = 0.0  # the session's ITL SLO (0: none), for the speculation controller
+  # The round in flight, as the speculation controller observes it.
+  inflight_depth: int = 0
+  inflight_edge_rtt_s: float = 0.0
+  inflight_edge_draft_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -169,6 +175,15 @@ class _OpenState:
 
   session: _Session | None = None  # set by the callback once the open succeeded
   abandoned: bool = False  # the RPC was cancelled: close the session as soon as it exists
+
+
+def tree_depth(parents: Sequence[int]) -> int:
+  """The deepest node's depth of a tree given by parents (root: parent -1, depth 0)."""
+  depths = [0] * len(parents)
+  for i, parent in enumerate(parents):
+    if i and parent >= 0:
+      depths[i] = depths[parent] + 1
+  return max(depths, default=0)
 
 
 def finish_reason(emitted: Sequence[int], finished: bool, eos_token_ids: Sequence[int]) -> str:
@@ -185,7 +200,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                tokenizer_fingerprint: fingerprint_lib.TokenizerFingerprint | None = None,
                eos_token_ids: Sequence[int] = (), identify: Identify | None = None,
                max_sessions_per_client: int = 0, admission_queue: int = 0,
-               admission_wait_s: float = 10.0):
+               admission_wait_s: float = 10.0,
+               controller: speculation_controller.SpeculationController | None = None):
     """`identify` names the caller from its metadata (None: no authentication, every caller is
     the same anonymous client). `max_sessions_per_client` caps the sessions (open or opening)
     one client may hold, keyed by its authenticated name, else by its `client_id` label; 0 is
@@ -193,11 +209,13 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     `admission_queue` places for up to `admission_wait_s`; past it (and at once with no queue)
     they get RESOURCE_EXHAUSTED with a `retry-after-ms` hint in the trailing metadata.
     `tokenizer_fingerprint` is the target's tokenizer: an open whose edge tokenizer differs gets
-    FAILED_PRECONDITION (None: edges' tokenizers are not checked)."""
+    FAILED_PRECONDITION (None: edges' tokenizers are not checked). `controller` (the speculation
+    controller) advises every answered round's next tree in `VerifyResponse.next_tree`."""
     if max_sessions_per_client < 0:
       raise ValueError(f"max_sessions_per_client must be >= 0, got {max_sessions_per_client}")
     self._worker = worker
     self._limits = limits
+    self._controller = controller
     self._tokenizer = tokenizer
     # The target's tokenizer, which every open's `tokenizer` is compared with (None: unchecked).
     self._fingerprint = tokenizer_fingerprint
@@ -605,7 +623,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                        max_new_tokens=job.max_new_tokens, last_token=opened.first_token,
                        finished=opened.finished,
                        generated=0 if job.speculative else max(1, len(job.resume_tokens)),
-                       steps_applied=job.resume_rounds)
+                       steps_applied=job.resume_rounds, itl_slo_s=job.itl_slo_ms / 1000.0)
     session.opened_at_step = session.steps_applied
     session.open_response = specedge_pb2.OpenSessionResponse(
         session_id=session.session_id, first_token=opened.first_token, finished=opened.finished,
@@ -622,9 +640,23 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if state.abandoned:
       self._abandon(session)
 
+  def _advise(self, session: _Session, accepted: int, server_s: float) -> api.TreeLimits:
+    """Feeds the controller this round and asks for the next tree. The server's load is the
+    verifies in flight over one full batch."""
+    depth = session.inflight_depth
+    self._controller.observe(session.session_id, speculation_controller.RoundObservation(
+        tree_depth=depth, accepted=accepted, rtt_s=session.inflight_edge_rtt_s,
+        draft_step_s=session.inflight_edge_draft_s / max(depth, 1), server_s=server_s))
+    in_flight = sum(s.verify_in_flight for s in self.sessions.values())
+    return self._controller.advise(session.session_id,
+                                   queue_fraction=in_flight / max(self._limits.max_batch_size, 1),
+                                   itl_slo_s=session.itl_slo_s)
+
   def _forget(self, session: _Session) -> None:
     """Removes a session from the table (and its open key): later calls get NOT_FOUND, and its
     slot goes to the oldest queued open."""
+    if self._controller is not None:
+      self._controller.forget(session.session_id)
     if self.sessions.pop(session.session_id, None) is not None:
       lifetime = time.monotonic() - session.opened_at
       self._mean_session_s += 0.1 * (lifetime - self._mean_session_s)
@@ -663,6 +695,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
       raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                          f"root_token {request.root_token} is not the session's last token "
                          f"{session.last_token}; the client is out of sync")
+    session.inflight_edge_rtt_s = max(float(request.edge_rtt_s), 0.0)
+    session.inflight_edge_draft_s = max(float(request.edge_draft_s), 0.0)
     return await self._submit_verify(session, tree)
 
   def _checked_tree(self, root: int, wire_tokens: Sequence[int],
@@ -709,6 +743,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                      tree=tree)
     session.verify_in_flight = True
     session.inflight_step, session.inflight = session.steps_applied, job.future
+    session.inflight_depth = tree_depth(tree.parents)
     session.last_used = time.monotonic()
     root = int(tree.tokens[0])
     job.future.add_done_callback(lambda future: self._verify_done(session, root, future))
@@ -761,6 +796,11 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
           timing=specedge_pb2.ServerTiming(queue_time_s=outcome.queue_time_s,
                                            forward_time_s=outcome.forward_time_s,
                                            batch_size=outcome.batch_size))
+      if self._controller is not None and not result.finished:
+        advice = self._advise(session, len(result.accepted),
+                              outcome.queue_time_s + outcome.forward_time_s)
+        session.last_response.next_tree.budget = advice.budget
+        session.last_response.next_tree.depth = advice.depth
     elif isinstance(error, RequestError) and error.code == grpc.StatusCode.INTERNAL:
       session.broken = error.message
 

@@ -129,6 +129,12 @@ class ServerConfig:
   # of small or truncated trees ('slo' batching, the speculation controller) then runs a
   # smaller forward. Empty: every tree is padded to the largest (one program per batch size).
   tree_buckets: tuple[int, ...] = ()
+  # The speculation controller (serving/speculation_controller.py): every answer advises the
+  # session's next tree (budget, depth) from its acceptance by depth, RTT, draft speed and the
+  # server's load; edges follow it within their configured tree. `control_reach_threshold`:
+  # draft to the deepest depth reached with at least this probability.
+  speculation_control: bool = False
+  control_reach_threshold: float = 0.3
   # The target's devices: 'model=N' shards weights and cache over N devices (tensor
   # parallelism), 'data=D,model=N' also splits the slots over D groups; '' is one device.
   mesh_shape: str = ""
@@ -164,6 +170,9 @@ class ServerConfig:
       raise ValueError(f"server.tree_buckets must be a list of sizes >= 1, got "
                        f"{self.tree_buckets!r}")
     object.__setattr__(self, "tree_buckets", tuple(self.tree_buckets))  # JSON gives a list
+    if not 0 < self.control_reach_threshold < 1:
+      raise ValueError(f"server.control_reach_threshold must be in (0, 1), got "
+                       f"{self.control_reach_threshold}")
     if self.attention_min_rows < 1:
       raise ValueError(f"server.attention_min_rows must be >= 1, got {self.attention_min_rows}")
     mesh = parse_mesh_shape(self.mesh_shape)  # a malformed shape fails here, by name

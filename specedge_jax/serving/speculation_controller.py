@@ -115,9 +115,11 @@ class SpeculationController:
     """Expected tokens per round of a tree of this depth: the bonus plus the accepted path."""
     return 1.0 + sum(self.reach(session)[:depth])
 
-  def advise(self, session: str, *, queue_fraction: float = 0.0) -> TreeLimits:
+  def advise(self, session: str, *, queue_fraction: float = 0.0,
+             itl_slo_s: float | None = None) -> TreeLimits:
     """The next tree's limits. `queue_fraction`: the server's waiting work relative to one full
-    batch (0 idle, >= 1 a full batch waiting)."""
+    batch (0 idle, >= 1 a full batch waiting); `itl_slo_s`: this session's SLO (default: the
+    config's; 0 none)."""
     state = self._state(session)
     reach = self.reach(session)
     round_s = state.server_s + state.draft_step_s * self.caps.max_beam_len
@@ -129,18 +131,19 @@ class SpeculationController:
     for d in range(1, len(reach) + 1):
       if reach[d - 1] >= threshold:
         depth = d
-    if self.config.itl_slo_s > 0 and state.rounds > 0:
-      depth = self._within_slo(session, state, depth)
+    slo = self.config.itl_slo_s if itl_slo_s is None else itl_slo_s
+    if slo > 0 and state.rounds > 0:
+      depth = self._within_slo(session, state, depth, slo)
     pressure = min(max(queue_fraction, 0.0), 1.0)
     scale = 1.0 - (1.0 - self.config.min_budget_fraction) * pressure
     budget = max(depth, int(math.floor(self.caps.max_budget * scale)))
     return TreeLimits(budget=budget, depth=depth).within(self.caps)
 
-  def _within_slo(self, session: str, state: _SessionState, depth: int) -> int:
+  def _within_slo(self, session: str, state: _SessionState, depth: int, slo_s: float) -> int:
     """The deepest depth <= `depth` whose estimated ITL meets the SLO; 1 when none does (the
     shallowest round is then the best this edge can do)."""
     for d in range(depth, 0, -1):
       round_s = state.rtt_s + state.server_s + state.draft_step_s * d
-      if round_s / self.expected_tokens(session, d) <= self.config.itl_slo_s:
+      if round_s / self.expected_tokens(session, d) <= slo_s:
         return d
     return 1

@@ -33,6 +33,7 @@ from specedge_jax.measure.events import EventLog
 from specedge_jax.serving.engine_worker import EngineWorker, PrefillCache
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.speculation_controller import SpeculationController
 from specedge_jax.serving.servicer import SERVICE_NAME, EngineLimits, VerifierServicer
 from specedge_jax.serving.verify_time import VerifyTimeEstimator
 
@@ -58,13 +59,15 @@ class VerifierServer:
                admission_queue: int = 0, admission_wait_s: float = 10.0,
                limits: EngineLimits | None = None,
                security: security_lib.ServerSecurity | None = None,
-               verify_time: VerifyTimeEstimator | None = None):
+               verify_time: VerifyTimeEstimator | None = None,
+               controller: SpeculationController | None = None):
     """`session_timeout_s` is a session's lease: a session with no call for that long is closed
     and its slot freed. `max_sessions_per_client` (0: none) caps the sessions one client holds.
     Opens beyond the slots wait, first come first served, in a queue of `admission_queue` places
     for up to `admission_wait_s` (0 places: refused at once, with a retry-after hint).
     `tokenizer_fingerprint` (the target's tokenizer; `runners.serve_verifier` passes it) makes
-    opens from edges with another tokenizer fail with FAILED_PRECONDITION."""
+    opens from edges with another tokenizer fail with FAILED_PRECONDITION. `controller` (the
+    speculation controller) advises each session's next tree in every answer."""
     self.engine = engine
     self.security = security  # None: plaintext, no authentication (the old behaviour)
     self.limits = limits or EngineLimits.of(engine)
@@ -77,6 +80,7 @@ class VerifierServer:
     self._prefill_cache = PrefillCache(prefill_cache_entries) if prefill_cache_entries else None
     # The forward-time estimator of batching mode 'slo' (None: in memory, default seed).
     self.verify_time = verify_time
+    self.controller = controller
     self._session_timeout_s = session_timeout_s
     self._max_sessions_per_client = max_sessions_per_client
     self._admission = (admission_queue, admission_wait_s)
@@ -105,7 +109,8 @@ class VerifierServer:
                                      max_sessions_per_client=self._max_sessions_per_client,
                                      admission_queue=self._admission[0],
                                      admission_wait_s=self._admission[1],
-                                     identify=authenticator.client_of if authenticator else None)
+                                     identify=authenticator.client_of if authenticator else None,
+                                     controller=self.controller)
     # Trees of max_tree_nodes int32 tokens and parents are small; 16 MiB leaves ample room while
     # still refusing absurd messages before they are parsed.
     interceptors = [authenticator.interceptor()] if authenticator is not None else []

@@ -92,3 +92,88 @@ def test_the_draft_engine_follows_limits_without_recompiling():
   assert depth.max() <= 2
   # A prefix of the full tree's score order: the limited tree is the same draft, cut.
   assert list(limited.tokens[:2]) == list(full.tokens[:2])
+
+
+def test_the_verifier_advises_and_the_drafter_follows_over_grpc():
+  """Fake engines over real gRPC: every answer carries advice, the drafter drafts the next tree
+  with it, and outputs stay the target's own."""
+  import asyncio
+
+  from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
+  from specedge_jax.serving.proto import specedge_pb2 as pb
+  from specedge_jax.testing.fakes import FakeDraftEngine, FakeTargetEngine, expected_output
+  from specedge_jax.testing.servers import running_verifier
+
+  vocab, caps = 50, api.TreeParams(max_n_beams=4, max_beam_len=4, max_branch_width=2,
+                                   max_budget=8)
+  target = FakeTargetEngine(vocab_size=vocab, num_slots=2, max_batch_size=2)
+  controller = SpeculationController(caps)
+  drafts = FakeDraftEngine(vocab_size=vocab, num_slots=2, correct_depth=2)
+  requests = [EdgeRequest(request_id=f"r{i}", prompt_ids=(3 + i, 4), max_new_tokens=9)
+              for i in range(2)]
+
+  async def scenario():
+    async with running_verifier(target, controller=controller) as (_, channel, stub):
+      opened = await stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[1, 2],
+                                                            max_new_tokens=5))
+      answer = await stub.Verify(pb.VerifyRequest(
+          session_id=opened.session_id, root_token=opened.first_token,
+          tokens=[(opened.first_token + 1) % vocab], parents=[0], edge_rtt_s=0.02,
+          edge_draft_s=0.01))
+      await stub.CloseSession(pb.CloseSessionRequest(session_id=opened.session_id))
+      drafter = Drafter(drafts, channel, DrafterConfig(client_id="edge0",
+                                                       max_concurrent_requests=2,
+                                                       max_new_tokens=9))
+      return answer, await drafter.run(requests)
+
+  answer, outputs = asyncio.run(scenario())
+  assert answer.next_tree.budget >= answer.next_tree.depth >= 1
+  assert drafts.last_limits is not None and drafts.last_limits.depth >= 1
+  for request, output in zip(requests, outputs):
+    assert output.tokens == expected_output(request.prompt_ids, 9, vocab)
+
+
+@pytest.mark.slow  # compiles the tiny pair's programs (~25 s)
+def test_controlled_trees_stay_greedy_equivalent_with_the_real_engines():
+  """The real verifier and drafters, proactive drafting on, the controller advising every round
+  (a high reach threshold, so advice cuts depth and budget): every output is still exactly the
+  target's greedy decoding, and the drafters drafted under advice below their caps."""
+  import asyncio
+
+  from specedge_jax.measure.events import EventLog
+  from specedge_jax.serving.drafter import Drafter, DrafterConfig, EdgeRequest
+  from specedge_jax.testing.servers import running_verifier
+
+  vocab, max_new, max_len = 64, 16, 96
+  tree = E.TreeParams(max_n_beams=4, max_beam_len=3, max_branch_width=4, max_budget=12)
+  target, draft = tiny_models.make_pair(vocab, noise=0.02)
+  prompts = tiny_models.prompts(4, vocab, seed=5)
+  make_target = lambda: E.TargetEngine(target, num_slots=4, max_len=max_len,
+                                       max_tree_nodes=tree.max_budget + 1, max_batch_size=4,
+                                       tree_buckets=(4, 8))
+  reference = E.generate(make_target(), prompts, max_new_tokens=max_new).tokens
+  proactive = E.ProactiveParams(mode="excluded", max_n_beams=4, max_beam_len=2,
+                                max_branch_width=4, max_budget=6)
+  controller = SpeculationController(tree, ControllerConfig(reach_threshold=0.6))
+  log = EventLog(None, "specedge")
+
+  async def main():
+    async with running_verifier(make_target(), controller=controller) as (_, channel, _):
+      drafters = [Drafter(E.DraftEngine(draft, num_slots=2, max_len=max_len, tree=tree,
+                                        proactive=proactive), channel,
+                          DrafterConfig(client_id=f"edge{e}", max_concurrent_requests=2,
+                                        proactive=True, max_new_tokens=max_new),
+                          event_log=log)
+                  for e in range(2)]
+      requests = [[EdgeRequest(request_id=f"e{e}r{i}", prompt_ids=tuple(prompts[2 * e + i]))
+                   for i in range(2)] for e in range(2)]
+      per_edge = await asyncio.gather(*(d.run(r) for d, r in zip(drafters, requests)))
+      return [o for outputs in per_edge for o in outputs]
+
+  outputs = asyncio.run(asyncio.wait_for(main(), timeout=300))
+  assert [o.error for o in outputs] == [""] * len(outputs)
+  assert [o.tokens for o in outputs] == reference
+  limits = [tuple(e["tree_limits"]) for e in log.events
+            if e["kind"] == "request_step" and e.get("tree_limits")]
+  assert limits, "no round was drafted under advice"
+  assert any(b < tree.max_budget or d < tree.max_beam_len for b, d in limits), limits

@@ -102,34 +102,48 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., first_token: _Optional[int] = ..., finished: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., first_round: _Optional[_Union[VerifyResponse, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_id", "root_token", "tokens", "parents", "step")
+    __slots__ = ("session_id", "root_token", "tokens", "parents", "step", "edge_rtt_s", "edge_draft_s")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROOT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    EDGE_RTT_S_FIELD_NUMBER: _ClassVar[int]
+    EDGE_DRAFT_S_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     root_token: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     step: int
-    def __init__(self, session_id: _Optional[str] = ..., root_token: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ...) -> None: ...
+    edge_rtt_s: float
+    edge_draft_s: float
+    def __init__(self, session_id: _Optional[str] = ..., root_token: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., step: _Optional[int] = ..., edge_rtt_s: _Optional[float] = ..., edge_draft_s: _Optional[float] = ...) -> None: ...
+
+class TreeAdvice(_message.Message):
+    __slots__ = ("budget", "depth")
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    budget: int
+    depth: int
+    def __init__(self, budget: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("accepted_tokens", "bonus_token", "emitted_tokens", "finished", "finish_reason", "timing")
+    __slots__ = ("accepted_tokens", "bonus_token", "emitted_tokens", "finished", "finish_reason", "timing", "next_tree")
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BONUS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TREE_FIELD_NUMBER: _ClassVar[int]
     accepted_tokens: _containers.RepeatedScalarFieldContainer[int]
     bonus_token: int
     emitted_tokens: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
     finish_reason: str
     timing: ServerTiming
-    def __init__(self, accepted_tokens: _Optional[_Iterable[int]] = ..., bonus_token: _Optional[int] = ..., emitted_tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ...) -> None: ...
+    next_tree: TreeAdvice
+    def __init__(self, accepted_tokens: _Optional[_Iterable[int]] = ..., bonus_token: _Optional[int] = ..., emitted_tokens: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., timing: _Optional[_Union[ServerTiming, _Mapping]] = ..., next_tree: _Optional[_Union[TreeAdvice, _Mapping]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
