@@ -643,14 +643,16 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
   def _advise(self, session: _Session, accepted: int, server_s: float) -> api.TreeLimits:
     """Feeds the controller this round and asks for the next tree. The server's load is the
     verifies in flight over one full batch."""
+    controller = self._controller
+    assert controller is not None  # the caller checks
     depth = session.inflight_depth
-    self._controller.observe(session.session_id, speculation_controller.RoundObservation(
+    controller.observe(session.session_id, speculation_controller.RoundObservation(
         tree_depth=depth, accepted=accepted, rtt_s=session.inflight_edge_rtt_s,
         draft_step_s=session.inflight_edge_draft_s / max(depth, 1), server_s=server_s))
     in_flight = sum(s.verify_in_flight for s in self.sessions.values())
-    return self._controller.advise(session.session_id,
-                                   queue_fraction=in_flight / max(self._limits.max_batch_size, 1),
-                                   itl_slo_s=session.itl_slo_s)
+    return controller.advise(session.session_id,
+                             queue_fraction=in_flight / max(self._limits.max_batch_size, 1),
+                             itl_slo_s=session.itl_slo_s)
 
   def _forget(self, session: _Session) -> None:
     """Removes a session from the table (and its open key): later calls get NOT_FOUND, and its
@@ -743,7 +745,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                      tree=tree)
     session.verify_in_flight = True
     session.inflight_step, session.inflight = session.steps_applied, job.future
-    session.inflight_depth = tree_depth(tree.parents)
+    session.inflight_depth = tree_depth([int(p) for p in tree.parents])
     session.last_used = time.monotonic()
     root = int(tree.tokens[0])
     job.future.add_done_callback(lambda future: self._verify_done(session, root, future))
