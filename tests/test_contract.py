@@ -32,6 +32,7 @@ def test_contract_and_servicer_load_no_jax():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~50 s: mypy, a development check rather than behaviour
 def test_type_check_of_contract_serving_and_testing():
   out = subprocess.run(
       [sys.executable, "-m", "mypy", "--no-incremental", "specedge_jax/api.py",

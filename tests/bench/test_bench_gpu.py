@@ -154,6 +154,7 @@ def test_an_out_of_memory_point_is_recorded_and_other_errors_raise(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~75 s: the GPU script end to end on CPU
 def test_tiny_profile_end_to_end_on_cpu(tmp_path):
   out_dir = tmp_path / "bgpu"
   start = time.perf_counter()

@@ -109,6 +109,7 @@ def test_serving_plan_reads_the_checkpoint_config_only():
 
 
 @pytest.mark.slow  # a launcher subprocess (~10 s)
+@pytest.mark.heavy
 def test_the_verifier_launcher_refuses_an_oversized_config_before_loading():
   import subprocess
   import sys

@@ -350,6 +350,7 @@ def test_teardown_on_error_and_of_left_overs():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # ~50 s: the main job in network namespaces (needs root)
 def test_main_job_over_real_links_matches_target_only_decoding(served_pair_dirs,
                                                                compilation_cache, tmp_path):
   """Two drafters at 6 and 30 ms RTT, mutual TLS to the verifier's namespace address, the
