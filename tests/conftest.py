@@ -67,3 +67,18 @@ def compilation_cache(tmp_path_factory):
   main job, its netns variant, the sweep): they compile the same verifier and drafter programs
   for the same tiny pair, and a fresh CI machine would otherwise compile them once per test."""
   return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. The whole suite compiles thousands of
+  programs (sharded, per-layer, per bucket); kept all at once, a late eager compile crashed
+  XLA:CPU's compiler with a segmentation fault, in the same test on two full runs (session 18,
+  WORKSPACE_NOTES.md). Modules share few programs, so recompiling costs little."""
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
