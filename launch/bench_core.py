@@ -2,6 +2,8 @@
 
   python -m launch.bench_core                      # embedded target/draft pair and prompts
   python -m launch.bench_core --num_prompts=8 --out_json=core.json --plot=verify_curve.png
+  python -m launch.bench_core --gen_batch_sizes= --layerwise --batch_sizes=1,2,4 \
+      --tree_sizes=2,5,9 --out_json=curve.json     # the verify curve only, as the engines run
 
 Prints three tables (see `specedge_jax/bench/core.py` for what each measures): the verify
 step time against tree tokens T and batch B, host overhead, and speculative against
@@ -32,6 +34,9 @@ _BRANCH = flags.DEFINE_integer("max_branch_width", 16, "SpecExec children per no
 _BUDGET = flags.DEFINE_integer("max_budget", 32, "SpecExec tree size (root excluded).")
 _PREFIX_LEN = flags.DEFINE_integer("prefix_len", 128, "Cached prefix for the verify curve.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per verify-curve point.")
+_LAYERWISE = flags.DEFINE_bool(
+    "layerwise", False, "Verify curve with per-layer weight arrays, as the serving engines run "
+    "the target (default: the stacked layer scan).")
 _GEN_REPEATS = flags.DEFINE_integer(
     "gen_repeats", 2, "Timed generation passes per method (alternating); each keeps its best.")
 _OUT_JSON = flags.DEFINE_string("out_json", None, "Also write all results here.")
@@ -53,7 +58,7 @@ def main(argv):
       proactive_modes=_PROACTIVE.value,
       tree=TreeParams(_N_BEAMS.value, _BEAM_LEN.value, _BRANCH.value, _BUDGET.value),
       prefix_len=_PREFIX_LEN.value, repeats=_REPEATS.value, gen_repeats=_GEN_REPEATS.value,
-      out_json=_OUT_JSON.value, plot=_PLOT.value)
+      layerwise=_LAYERWISE.value, out_json=_OUT_JSON.value, plot=_PLOT.value)
 
 
 if __name__ == "__main__":

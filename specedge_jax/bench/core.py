@@ -64,10 +64,12 @@ def verify_inputs(rng: np.random.Generator, vocab: int, batch: int, tree_tokens:
 
 
 def verify_curve(target, batch_sizes: Sequence[int], tree_sizes: Sequence[int], *,
-                 prefix_len: int = 128, repeats: int = 20,
+                 prefix_len: int = 128, repeats: int = 20, layerwise: bool = False,
                  on_point: Callable[[VerifyPoint], None] | None = None) -> list[VerifyPoint]:
-  """Median wall time of a jitted verify call per (B, T)."""
-  graphdef, state = split_model(target)
+  """Median wall time of a jitted verify call per (B, T). The cache holds B slots of
+  `prefix_len + max(tree_sizes) + 1` rows, all attended. `layerwise`: per-layer weight arrays,
+  as the serving engines run them (`split_model(layerwise=True)`); default: the stacked scan."""
+  graphdef, state = split_model(target, layerwise=layerwise)
   vocab = target.config.vocab_size
   rng = np.random.default_rng(0)
   points = []
@@ -260,8 +262,11 @@ def plot_verify_curve(points: Sequence[VerifyPoint], path: str) -> str:
   return path
 
 
-def to_json(points: Sequence[VerifyPoint], comparisons: Sequence[GenerationComparison]) -> dict:
-  return {"verify_curve": [dataclasses.asdict(p) for p in points],
+def to_json(points: Sequence[VerifyPoint], comparisons: Sequence[GenerationComparison],
+            **curve_fields) -> dict:
+  """`curve_fields` (e.g. prefix_len, layerwise) say how the curve was measured; the verify-time
+  estimator reads `prefix_len` from here (`verify_time.curve_samples`)."""
+  return {**curve_fields, "verify_curve": [dataclasses.asdict(p) for p in points],
           "generation": [dict(dataclasses.asdict(c), speedup=c.speedup,
                               ar_tokens_per_s=c.ar_tokens_per_s,
                               spec_tokens_per_s=c.spec_tokens_per_s)
@@ -269,17 +274,17 @@ def to_json(points: Sequence[VerifyPoint], comparisons: Sequence[GenerationCompa
 
 
 def write_json(path: str, points: Sequence[VerifyPoint],
-               comparisons: Sequence[GenerationComparison]) -> None:
+               comparisons: Sequence[GenerationComparison], **curve_fields) -> None:
   with open(path, "w") as f:
-    json.dump(to_json(points, comparisons), f, indent=2)
+    json.dump(to_json(points, comparisons, **curve_fields), f, indent=2)
 
 
 def run(target_dir: str, draft_dir: str, prompts_path: str, *, num_prompts: int,
         max_new_tokens: int, batch_sizes: Sequence[int], tree_sizes: Sequence[int],
         gen_batch_sizes: Sequence[int], proactive_modes: Sequence[str], tree: E.TreeParams,
         prefix_len: int = 128, repeats: int = 20, gen_repeats: int = 2,
-        out_json: str | None = None, plot: str | None = None, console=None
-        ) -> tuple[list[VerifyPoint], list[GenerationComparison]]:
+        layerwise: bool = False, out_json: str | None = None, plot: str | None = None,
+        console=None) -> tuple[list[VerifyPoint], list[GenerationComparison]]:
   """What `launch/bench_core.py` does: loads the pair and the first `num_prompts` prompts, prints
   the verify-curve table, then the generation table over every (batch size, proactive mode),
   and writes the plot and the JSON when asked."""
@@ -298,7 +303,7 @@ def run(target_dir: str, draft_dir: str, prompts_path: str, *, num_prompts: int,
 
   with console.status("timing verify ..."):
     points = verify_curve(target, batch_sizes, tree_sizes, prefix_len=prefix_len,
-                          repeats=repeats)
+                          repeats=repeats, layerwise=layerwise)
   console.print(verify_curve_table(points))
 
   comparisons = []
@@ -309,14 +314,15 @@ def run(target_dir: str, draft_dir: str, prompts_path: str, *, num_prompts: int,
             target, draft, prompt_ids, batch_size=batch, tree=tree,
             proactive=E.ProactiveParams(mode=mode), max_new_tokens=max_new_tokens,
             eos_token_ids=target.config.eos_token_ids, repeats=gen_repeats))
-  console.print(generation_table(comparisons, num_prompts=len(prompt_ids),
-                                 max_new_tokens=max_new_tokens, tree=tree))
+  if comparisons:  # none asked for (--gen_batch_sizes=): the verify curve alone
+    console.print(generation_table(comparisons, num_prompts=len(prompt_ids),
+                                   max_new_tokens=max_new_tokens, tree=tree))
 
   if plot:
     plot_verify_curve(points, plot)
     console.print(f"plot: {plot}")
   if out_json:
-    write_json(out_json, points, comparisons)
+    write_json(out_json, points, comparisons, prefix_len=prefix_len, layerwise=layerwise)
   return points, comparisons
 
 

@@ -218,8 +218,9 @@ class SweepResult:
   out_dir: str
 
 
-def _child_env(options: SweepOptions) -> dict[str, str]:
-  # As run_local's children: unbuffered logs, the repo importable, the shared compile cache.
+def child_env(options: SweepOptions) -> dict[str, str]:
+  """The environment of a child the sweep starts, as run_local's children have it: unbuffered
+  logs, the repo importable, the shared compilation cache."""
   path = os.environ.get("PYTHONPATH", "")
   env = {"PYTHONUNBUFFERED": "1",
          "PYTHONPATH": local.REPO_ROOT + (os.pathsep + path if path else "")}
@@ -230,8 +231,9 @@ def _child_env(options: SweepOptions) -> dict[str, str]:
   return env
 
 
-def _run_baseline(run: PlannedRun, folder: str, options: SweepOptions) -> list[str]:
-  """Runs `launch/server_only.py` for a planned baseline run; returns its event log."""
+def run_baseline(run: PlannedRun, folder: str, options: SweepOptions) -> list[str]:
+  """Runs `launch/server_only.py` for a planned baseline run (its config written to `folder`,
+  pinned to `options.verifier_cpus`); returns its event log. Also used by `goodput.py`."""
   stem = plots.file_safe(run.system)
   config_path = os.path.join(folder, f"{stem}.config.json")
   run.config.save_json(config_path)
@@ -247,7 +249,7 @@ def _run_baseline(run: PlannedRun, folder: str, options: SweepOptions) -> list[s
     argv.append(f"--cpus={','.join(str(c) for c in options.verifier_cpus)}")
   children = processes.ChildProcesses()
   try:
-    child = children.start(run.system, argv, log_path, env=_child_env(options))
+    child = children.start(run.system, argv, log_path, env=child_env(options))
     deadline = time.monotonic() + options.run_timeout_s
     while child.poll() is None:
       if time.monotonic() > deadline:
@@ -308,7 +310,7 @@ def run_sweep(base: ServingConfig, options: SweepOptions,
       if run.system == SPECEDGE:
         run_paths[run.name] = _run_specedge(run, folder, options)
       else:
-        run_paths[run.name] = _run_baseline(run, folder, options)
+        run_paths[run.name] = run_baseline(run, folder, options)
       progress.advance(task)
     progress.update(task, description="sweep")
 
