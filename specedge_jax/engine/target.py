@@ -33,6 +33,11 @@ from specedge_jax.spec import prefill as spec_prefill
 from specedge_jax.spec import sampling as sampling_lib
 from specedge_jax.spec import verify as verify_lib
 
+# Decode runs as a root-only tree padded to two nodes, not one: at one node XLA:CPU fuses the
+# cache write into whole-cache fusions, and the step is slower than at two (WORKSPACE_NOTES,
+# "Decode at two nodes"); the padding node is masked out and writes nothing.
+DECODE_CAPACITY = 2
+
 
 @dataclasses.dataclass
 class _TargetSession:
@@ -337,7 +342,7 @@ class TargetEngine:
   def decode(self, slots: Sequence[int]) -> list[VerifyResult]:
     """One autoregressive step for each slot: a root-only tree, i.e. plain decoding."""
     requests = [(slot, DraftTree.root_only(self.session(slot).root)) for slot in slots]
-    return self._run(requests, 1)
+    return self._run(requests, DECODE_CAPACITY)
 
   def warmup(self, decode: bool = True, prefill_snapshots: bool = False) -> None:
     """Compiles every batch bucket of verify (and decode) at every attention bucket, both
@@ -351,7 +356,8 @@ class TargetEngine:
                     for b in range(1, self.max_batch_size + 1)})
     # Lanes with num_nodes 0 and prefill chunks with count 0 write nothing (all rows dropped),
     # so warm-up compiles every variant without touching any slot.
-    for capacity in (self.tree_buckets + (1,) if decode else self.tree_buckets):
+    capacities = set(self.tree_buckets) | ({DECODE_CAPACITY} if decode else set())
+    for capacity in sorted(capacities):
       for attend_len in kv.reachable_buckets(self.attend_buckets, capacity):
         for size in sizes:
           zeros = np.zeros(size, np.int32)

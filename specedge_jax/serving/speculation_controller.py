@@ -140,10 +140,14 @@ class SpeculationController:
     return TreeLimits(budget=budget, depth=depth).within(self.caps)
 
   def _within_slo(self, session: str, state: _SessionState, depth: int, slo_s: float) -> int:
-    """The deepest depth <= `depth` whose estimated ITL meets the SLO; 1 when none does (the
-    shallowest round is then the best this edge can do)."""
-    for d in range(depth, 0, -1):
+    """The deepest depth <= `depth` whose estimated ITL meets the SLO. When none does, the depth
+    with the least estimated time per token: a shallower tree only drafts less while every round
+    still pays the RTT and the server's time, so depth 1 is the worst choice when those dominate."""
+    def itl(d: int) -> float:
       round_s = state.rtt_s + state.server_s + state.draft_step_s * d
-      if round_s / self.expected_tokens(session, d) <= slo_s:
+      return round_s / self.expected_tokens(session, d)
+
+    for d in range(depth, 0, -1):
+      if itl(d) <= slo_s:
         return d
-    return 1
+    return min(range(1, self.caps.max_beam_len + 1), key=lambda d: (itl(d), -d))

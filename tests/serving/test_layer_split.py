@@ -379,15 +379,17 @@ def test_mutual_tls_and_tokens(tiny, tmp_path):
 # -- the launcher ----------------------------------------------------------------------------------
 
 
+def _launcher_flags(dirs):
+  """`launch.layer_split` flags for the served pair on a small workload."""
+  return [f"--config.models.target={dirs['target']}", f"--config.models.draft={dirs['draft']}",
+          "--config.workload.num_requests=3", "--config.workload.max_new_tokens=8",
+          "--config.edge.num_drafters=1", "--config.edge.simulated_rtt_ms=0", "--split_layer=1"]
+
+
 @pytest.mark.slow
 def test_launcher_tail_and_head_processes(served_pair_dirs, tmp_path):
-  """`launch.layer_split --role=tail` and `--role=head` as processes over plaintext (bf16 wire),
-  then `--role=local --compare_target_only` (fp32) on the same small workload."""
-  common = [f"--config.models.target={served_pair_dirs['target']}",
-            f"--config.models.draft={served_pair_dirs['draft']}",
-            "--config.workload.num_requests=3", "--config.workload.max_new_tokens=8",
-            "--config.edge.num_drafters=1", "--config.edge.simulated_rtt_ms=0",
-            "--split_layer=1"]
+  """`launch.layer_split --role=tail` and `--role=head` as processes over plaintext (bf16 wire)."""
+  common = _launcher_flags(served_pair_dirs)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   port_file = tmp_path / "port"
   tail = subprocess.Popen(
@@ -415,6 +417,15 @@ def test_launcher_tail_and_head_processes(served_pair_dirs, tmp_path):
   _, summaries = metrics.summarize_events(events_lib.read_events(
       [tmp_path / "tail.jsonl", tmp_path / "edge0.jsonl"]))
   assert summaries[0].system == "layer_split" and summaries[0].requests.n_requests == 3
+
+
+# Heavy (15 s, CI's time budget): `--role=local` runs the in-process split that
+# test_in_process_split_is_exact_greedy_and_sampled pins; this adds its launcher and report.
+@pytest.mark.heavy
+@pytest.mark.slow
+def test_launcher_local_role_compares_with_target_only(served_pair_dirs, tmp_path):
+  common = _launcher_flags(served_pair_dirs)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
   local = subprocess.run(
       [sys.executable, "-m", "launch.layer_split", "--role=local", "--compare_target_only",
        f"--out_dir={tmp_path / 'local'}", *common],

@@ -545,6 +545,9 @@ def test_server_only_launcher_refuses_a_bad_file_by_key(tmp_path):
   assert "unknown keys ['client.colour']" in done.stderr + done.stdout
 
 
+# Heavy (30 s, CI's time budget): the translation is pinned key by key above, the reference
+# workload's orders by the workload tests, and the in-process serving path by the serving tests.
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_specedge_example_runs_end_to_end_and_equals_target_only_greedy(tmp_path):
   """The README's specedge example with tiny overrides (2 rows, 8 tokens, greedy, a small tree):

@@ -58,6 +58,19 @@ def test_a_tight_slo_with_slow_drafting_trades_depth_for_latency():
   assert tight.advise("s").depth < loose.advise("s").depth
 
 
+def test_an_slo_no_depth_meets_gets_the_depth_with_the_least_time_per_token():
+  # A 100 ms round trip dominates: no tree meets 10 ms per token, and depth 1 (one round trip
+  # per ~1.7 tokens) would be the worst choice; the deepest tree amortizes the round trip best.
+  trace = [6, 5, 6, 4]
+  controller = trained(trace, config=ControllerConfig(itl_slo_s=0.010), rtt_s=0.1,
+                       server_s=0.01, draft_step_s=0.001)
+  limits = controller.advise("s")
+  per_token = lambda d: (0.1 + 0.01 + 0.001 * d) / controller.expected_tokens("s", d)
+  best = min(range(1, CAPS.max_beam_len + 1), key=per_token)
+  assert per_token(1) > per_token(best) > 0.010  # the SLO is out of reach at every depth
+  assert limits.depth == best > 1
+
+
 def test_advice_stays_within_the_caps_and_sessions_are_separate():
   small = api.TreeParams(max_n_beams=2, max_beam_len=2, max_branch_width=2, max_budget=3)
   controller = trained([6, 6], caps=small)
