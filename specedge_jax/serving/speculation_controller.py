@@ -18,7 +18,10 @@ Per session it keeps exponential moving averages of
   deeper trees), and within the SLO: the round's estimated time (RTT + draft steps + the
   server's queue and forward) over its expected tokens must not exceed the ITL target;
 - the budget: the configured one under no load, shrinking towards `depth` (a chain) as the
-  server's queue fills, because then every extra node costs other sessions' time.
+  server's queue fills, because then every extra node costs other sessions' time. Under an SLO
+  only sessions with slack give nodes back: one near or over its target needs every token a
+  round can bring (each round pays the RTT again), so its shrink is scaled by its slack,
+  1 - estimated ITL / SLO, over `slack_for_full_shrink`.
 
 Pure: no threads, no gRPC, no clock; the servicer feeds it and the simulator reuses it.
 """
@@ -58,12 +61,16 @@ class ControllerConfig:
   prior_survival: float = 0.7  # before any round: a fair draft
   min_budget_fraction: float = 0.25  # of the configured budget, at a full queue
   itl_slo_s: float = 0.0  # 0: no SLO
+  slack_for_full_shrink: float = 0.3  # SLO slack at which a full queue shrinks a budget fully
 
   def __post_init__(self):
     if not 0 < self.reach_threshold < 1 or not 0 < self.smoothing <= 1:
       raise ValueError("reach_threshold must be in (0, 1) and smoothing in (0, 1]")
     if not 0 < self.prior_survival < 1 or not 0 < self.min_budget_fraction <= 1:
       raise ValueError("prior_survival must be in (0, 1), min_budget_fraction in (0, 1]")
+    if not 0 < self.slack_for_full_shrink <= 1:
+      raise ValueError(
+          f"slack_for_full_shrink must be in (0, 1], got {self.slack_for_full_shrink}")
     if self.itl_slo_s < 0:
       raise ValueError(f"itl_slo_s must be >= 0, got {self.itl_slo_s}")
 
@@ -132,22 +139,28 @@ class SpeculationController:
       if reach[d - 1] >= threshold:
         depth = d
     slo = self.config.itl_slo_s if itl_slo_s is None else itl_slo_s
-    if slo > 0 and state.rounds > 0:
-      depth = self._within_slo(session, state, depth, slo)
     pressure = min(max(queue_fraction, 0.0), 1.0)
+    if slo > 0 and state.rounds > 0:
+      depth = self._within_slo(session, depth, slo)
+      slack = 1.0 - self.estimated_itl_s(session, depth) / slo
+      pressure *= min(max(slack / self.config.slack_for_full_shrink, 0.0), 1.0)
     scale = 1.0 - (1.0 - self.config.min_budget_fraction) * pressure
     budget = max(depth, int(math.floor(self.caps.max_budget * scale)))
     return TreeLimits(budget=budget, depth=depth).within(self.caps)
 
-  def _within_slo(self, session: str, state: _SessionState, depth: int, slo_s: float) -> int:
+  def estimated_itl_s(self, session: str, depth: int) -> float:
+    """A round's estimated time (RTT + the server's queue and forward + draft steps) over its
+    expected tokens, for a tree of this depth."""
+    state = self._state(session)
+    round_s = state.rtt_s + state.server_s + state.draft_step_s * depth
+    return round_s / self.expected_tokens(session, depth)
+
+  def _within_slo(self, session: str, depth: int, slo_s: float) -> int:
     """The deepest depth <= `depth` whose estimated ITL meets the SLO. When none does, the depth
     with the least estimated time per token: a shallower tree only drafts less while every round
     still pays the RTT and the server's time, so depth 1 is the worst choice when those dominate."""
-    def itl(d: int) -> float:
-      round_s = state.rtt_s + state.server_s + state.draft_step_s * d
-      return round_s / self.expected_tokens(session, d)
-
     for d in range(depth, 0, -1):
-      if itl(d) <= slo_s:
+      if self.estimated_itl_s(session, d) <= slo_s:
         return d
-    return min(range(1, self.caps.max_beam_len + 1), key=lambda d: (itl(d), -d))
+    return min(range(1, self.caps.max_beam_len + 1),
+               key=lambda d: (self.estimated_itl_s(session, d), -d))

@@ -58,6 +58,23 @@ def test_a_tight_slo_with_slow_drafting_trades_depth_for_latency():
   assert tight.advise("s").depth < loose.advise("s").depth
 
 
+def test_under_a_full_queue_only_sessions_with_slo_slack_give_nodes_back():
+  trace = [3, 2, 4, 3]
+  config = ControllerConfig(itl_slo_s=0.030)
+  relaxed = trained(trace, config=config, rtt_s=0.005, server_s=0.005, draft_step_s=0.001)
+  pressed = trained(trace, config=config, rtt_s=0.120, server_s=0.010, draft_step_s=0.001)
+  assert relaxed.estimated_itl_s("s", relaxed.advise("s").depth) < 0.5 * 0.030
+  assert pressed.estimated_itl_s("s", pressed.advise("s").depth) > 0.030
+  relaxed_busy = relaxed.advise("s", queue_fraction=1.0)
+  assert relaxed_busy.budget < CAPS.max_budget  # slack: it shrinks as without an SLO
+  assert relaxed_busy == trained(trace, rtt_s=0.005, server_s=0.005,
+                                 draft_step_s=0.001).advise("s", queue_fraction=1.0)
+  # Over its SLO, a session keeps its whole budget: each round already pays 120 ms of RTT.
+  assert pressed.advise("s", queue_fraction=1.0).budget == CAPS.max_budget
+  with pytest.raises(ValueError, match="slack_for_full_shrink"):
+    ControllerConfig(slack_for_full_shrink=0.0)
+
+
 def test_an_slo_no_depth_meets_gets_the_depth_with_the_least_time_per_token():
   # A 100 ms round trip dominates: no tree meets 10 ms per token, and depth 1 (one round trip
   # per ~1.7 tokens) would be the worst choice; the deepest tree amortizes the round trip best.
