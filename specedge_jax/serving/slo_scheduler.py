@@ -171,11 +171,20 @@ def round_deadline(arrival_s: float, *, itl_slo_s: float, expected_emitted: floa
 
   A round that emits m tokens may take m * SLO end to end; the edge's part of it (drafting and
   the network: the time from the verifier's last answer to this request) is not the verifier's
-  to spend. A session without an SLO (0) gets the starvation bound as its deadline. A budget
-  that the edge alone already overspends leaves the deadline at the arrival: most urgent."""
+  to spend. A session without an SLO (0) gets the starvation bound as its deadline.
+
+  A round whose budget the edge alone has already overspent cannot be saved by the verifier,
+  however soon it runs. Making it most urgent (its arrival) would spend the batch on rounds
+  that miss anyway and push rounds that can still make theirs past their deadlines, which is
+  how EDF collapses under overload; it gets the starvation bound instead: it runs in any batch
+  with room, behind every round that can still meet its deadline, and never later than
+  `max_queue_s`."""
   if itl_slo_s <= 0:
     return arrival_s + max_queue_s
-  return arrival_s + max(itl_slo_s * expected_emitted - edge_time_s, 0.0)
+  budget_s = itl_slo_s * expected_emitted - edge_time_s
+  if budget_s <= 0:
+    return arrival_s + max_queue_s
+  return arrival_s + min(budget_s, max_queue_s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,11 +230,35 @@ def test_a_cut_round_still_counts_the_dropped_child_the_full_tree_would_have_acc
   assert (stats.reached - before[1])[1:4].tolist() == [2, 1, 0]
 
 
+def test_a_round_the_edge_already_lost_goes_behind_one_that_can_still_make_it():
+  max_queue_s = 0.1
+  lost = S.round_deadline(0.0, itl_slo_s=10 * MS, expected_emitted=2.0, edge_time_s=25 * MS,
+                          max_queue_s=max_queue_s)
+  savable = S.round_deadline(5 * MS, itl_slo_s=10 * MS, expected_emitted=2.0,
+                             edge_time_s=5 * MS, max_queue_s=max_queue_s)
+  queue = [S.Candidate(key="lost", arrival_s=0.0, deadline_s=lost, node_values=(0.0, 0.5),
+                       context_len=0),
+           S.Candidate(key="savable", arrival_s=5 * MS, deadline_s=savable,
+                       node_values=(0.0, 0.5), context_len=0)]
+  # One lane: the round that can still meet its deadline (20 ms) runs; the lost one, which
+  # arrived first, waits, and runs first once it reaches the starvation bound.
+  plan = S.plan_batch(6 * MS, queue, LinearCost(), max_batch_size=1, max_queue_s=max_queue_s)
+  assert cuts(plan) == [("savable", 2)]
+  overdue = S.plan_batch(max_queue_s, queue, LinearCost(), max_batch_size=1,
+                         max_queue_s=max_queue_s)
+  assert cuts(overdue) == [("lost", 2)] and overdue.selections[0].overdue
+
+
 def test_round_deadline():
   assert S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=3.0, edge_time_s=0.005,
                           max_queue_s=0.1) == pytest.approx(1.025)
-  assert S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=1.0, edge_time_s=0.5,
-                          max_queue_s=0.1) == 1.0  # the edge alone spent it: most urgent
+  # The edge alone spent the round's budget: nothing the verifier does saves it, so it goes
+  # behind rounds that can still make theirs, within the starvation bound.
+  hopeless = S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=1.0, edge_time_s=0.5,
+                              max_queue_s=0.1)
+  assert hopeless == pytest.approx(1.1)
+  assert S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=20.0, edge_time_s=0.0,
+                          max_queue_s=0.1) == pytest.approx(1.1)  # never past the bound
   assert S.round_deadline(1.0, itl_slo_s=0.0, expected_emitted=3.0, edge_time_s=0.0,
                           max_queue_s=0.1) == pytest.approx(1.1)  # no SLO: the bound
 
