@@ -40,8 +40,10 @@ The plan
    valuable requests can push back (no starvation).
 2. The rest by earliest deadline (EDF): a request is admitted, with its root alone, unless that
    would make an admitted request that can still meet its deadline miss it; a request that
-   cannot make its own deadline any more is admitted too (EDF puts it first), it just does not
-   bind the time. At most `max_batch_size`.
+   cannot make its own deadline any more is admitted too, it just does not bind the time. A
+   *lost* round, whose budget its edge alone overspent, comes after every other: running it
+   first cannot save it and would cost rounds that can still be saved (how EDF collapses
+   under overload); rule 1 still bounds its wait. At most `max_batch_size`.
 3. Fill by value: the time budget is the earliest deadline among admitted requests that can
    still meet theirs (less `margin_s`). Tree nodes are added in order of expected accepted tokens
    per added node (over each tree's upper concave hull of its cumulative value, so a cheap node
@@ -171,20 +173,13 @@ def round_deadline(arrival_s: float, *, itl_slo_s: float, expected_emitted: floa
 
   A round that emits m tokens may take m * SLO end to end; the edge's part of it (drafting and
   the network: the time from the verifier's last answer to this request) is not the verifier's
-  to spend. A session without an SLO (0) gets the starvation bound as its deadline.
-
-  A round whose budget the edge alone has already overspent cannot be saved by the verifier,
-  however soon it runs. Making it most urgent (its arrival) would spend the batch on rounds
-  that miss anyway and push rounds that can still make theirs past their deadlines, which is
-  how EDF collapses under overload; it gets the starvation bound instead: it runs in any batch
-  with room, behind every round that can still meet its deadline, and never later than
-  `max_queue_s`."""
+  to spend. A session without an SLO (0) gets the starvation bound as its deadline. A budget
+  that the edge alone already overspends leaves the deadline at the arrival: the round is
+  *lost* (`Candidate.lost`), so `start_time` waits for no one on its account, and `plan_batch`
+  admits it behind every round that can still make its deadline."""
   if itl_slo_s <= 0:
     return arrival_s + max_queue_s
-  budget_s = itl_slo_s * expected_emitted - edge_time_s
-  if budget_s <= 0:
-    return arrival_s + max_queue_s
-  return arrival_s + min(budget_s, max_queue_s)
+  return arrival_s + max(itl_slo_s * expected_emitted - edge_time_s, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +196,11 @@ class Candidate:
   @property
   def tree_nodes(self) -> int:
     return len(self.node_values)
+
+  @property
+  def lost(self) -> bool:
+    """Its deadline passed as it arrived (`round_deadline`): no batch can make it."""
+    return self.deadline_s <= self.arrival_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +251,11 @@ def plan_batch(now: float, candidates: Sequence[Candidate], estimator: VerifyTim
   overdue = sorted((i for i in order if now - candidates[i].arrival_s >= max_queue_s),
                    key=lambda i: (candidates[i].arrival_s, i))
   is_overdue = set(overdue)
+  # EDF, lost rounds last: running one first cannot save it, and would spend the batch that
+  # rounds which can still make their deadlines need (EDF's collapse under overload).
   rest = sorted((i for i in order if i not in is_overdue),
-                key=lambda i: (candidates[i].deadline_s, candidates[i].arrival_s, i))
+                key=lambda i: (candidates[i].lost, candidates[i].deadline_s,
+                               candidates[i].arrival_s, i))
   admitted = overdue[:max_batch_size]
 
   def binding(indices: Sequence[int]) -> list[int]:

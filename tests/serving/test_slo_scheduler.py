@@ -104,17 +104,17 @@ def test_a_request_that_would_break_an_admitted_deadline_waits_for_the_next_batc
   assert plan.truncated_nodes == 3 and plan.estimated_s == pytest.approx(3 * MS)
 
 
-def test_a_request_past_its_deadline_goes_first_but_does_not_bind_the_budget():
-  queue = [candidate("ok", [0.9, 0.8, 0.7, 0.6, 0.5], deadline_ms=5),
-           candidate("late", [0.3, 0.2], deadline_ms=-1)]
+def test_a_request_past_its_deadline_goes_last_and_does_not_bind_the_budget():
+  queue = [candidate("late", [0.3, 0.2], deadline_ms=-1),
+           candidate("ok", [0.9, 0.8, 0.7, 0.6, 0.5], deadline_ms=5)]
   plan = S.plan_batch(0.0, queue, LinearCost(), max_batch_size=4, max_queue_s=1.0)
-  assert cuts(plan) == [("late", 1), ("ok", 4)]  # 5 ms: two roots and ok's three best nodes
+  assert cuts(plan) == [("ok", 4), ("late", 1)]  # 5 ms: two roots and ok's three best nodes
   assert plan.budget_s == pytest.approx(5 * MS)
   # When nobody can make it any more, nothing binds: trees stay whole (bounded by count).
   queue = [candidate("late", [0.3, 0.2], deadline_ms=-1),
            candidate("later", [0.1], deadline_ms=0.5)]
   plan = S.plan_batch(0.0, queue, LinearCost(), max_batch_size=4, max_queue_s=1.0)
-  assert cuts(plan) == [("late", 3), ("later", 2)] and math.isinf(plan.budget_s)
+  assert cuts(plan) == [("later", 2), ("late", 3)] and math.isinf(plan.budget_s)
 
 
 def test_an_overdue_request_is_admitted_first_whatever_its_deadline_and_value():
@@ -232,14 +232,15 @@ def test_a_cut_round_still_counts_the_dropped_child_the_full_tree_would_have_acc
 
 def test_a_round_the_edge_already_lost_goes_behind_one_that_can_still_make_it():
   max_queue_s = 0.1
-  lost = S.round_deadline(0.0, itl_slo_s=10 * MS, expected_emitted=2.0, edge_time_s=25 * MS,
-                          max_queue_s=max_queue_s)
-  savable = S.round_deadline(5 * MS, itl_slo_s=10 * MS, expected_emitted=2.0,
-                             edge_time_s=5 * MS, max_queue_s=max_queue_s)
-  queue = [S.Candidate(key="lost", arrival_s=0.0, deadline_s=lost, node_values=(0.0, 0.5),
-                       context_len=0),
-           S.Candidate(key="savable", arrival_s=5 * MS, deadline_s=savable,
-                       node_values=(0.0, 0.5), context_len=0)]
+  lost = S.Candidate(key="lost", arrival_s=0.0, node_values=(0.0, 0.5), context_len=0,
+                     deadline_s=S.round_deadline(0.0, itl_slo_s=10 * MS, expected_emitted=2.0,
+                                                 edge_time_s=25 * MS, max_queue_s=max_queue_s))
+  savable = S.Candidate(key="savable", arrival_s=5 * MS, node_values=(0.0, 0.5), context_len=0,
+                        deadline_s=S.round_deadline(5 * MS, itl_slo_s=10 * MS,
+                                                    expected_emitted=2.0, edge_time_s=5 * MS,
+                                                    max_queue_s=max_queue_s))
+  assert lost.lost and not savable.lost
+  queue = [lost, savable]
   # One lane: the round that can still meet its deadline (20 ms) runs; the lost one, which
   # arrived first, waits, and runs first once it reaches the starvation bound.
   plan = S.plan_batch(6 * MS, queue, LinearCost(), max_batch_size=1, max_queue_s=max_queue_s)
@@ -247,18 +248,16 @@ def test_a_round_the_edge_already_lost_goes_behind_one_that_can_still_make_it():
   overdue = S.plan_batch(max_queue_s, queue, LinearCost(), max_batch_size=1,
                          max_queue_s=max_queue_s)
   assert cuts(overdue) == [("lost", 2)] and overdue.selections[0].overdue
+  # A lost round waits for no one: with it pending the batch starts at once.
+  assert S.start_time(6 * MS, [lost], LinearCost(), max_batch_size=4, max_queue_s=max_queue_s,
+                      expected_arrivals=[8 * MS]) <= 6 * MS
 
 
 def test_round_deadline():
   assert S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=3.0, edge_time_s=0.005,
                           max_queue_s=0.1) == pytest.approx(1.025)
-  # The edge alone spent the round's budget: nothing the verifier does saves it, so it goes
-  # behind rounds that can still make theirs, within the starvation bound.
-  hopeless = S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=1.0, edge_time_s=0.5,
-                              max_queue_s=0.1)
-  assert hopeless == pytest.approx(1.1)
-  assert S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=20.0, edge_time_s=0.0,
-                          max_queue_s=0.1) == pytest.approx(1.1)  # never past the bound
+  assert S.round_deadline(1.0, itl_slo_s=0.01, expected_emitted=1.0, edge_time_s=0.5,
+                          max_queue_s=0.1) == 1.0  # the edge alone spent it: lost
   assert S.round_deadline(1.0, itl_slo_s=0.0, expected_emitted=3.0, edge_time_s=0.0,
                           max_queue_s=0.1) == pytest.approx(1.1)  # no SLO: the bound
 
