@@ -64,7 +64,7 @@ import numpy as np
 from specedge_jax import api
 from specedge_jax.api import DraftTree, SamplingParams, VerifyResult
 from specedge_jax.measure.events import EventLog
-from specedge_jax.serving import owner_thread, slo_scheduler
+from specedge_jax.serving import batching_rules, owner_thread, slo_scheduler
 from specedge_jax.serving.serving_config import BatchingConfig
 from specedge_jax.serving.verify_time import BatchShape, VerifyTimeEstimator
 
@@ -277,18 +277,16 @@ class EngineWorker:
       _log.warning("could not save the verify-time file %s: %s", self.verify_time.path, e)
 
   def _batch_ready(self) -> bool:
-    pending = len(self._pending)
-    if pending >= self._max_batch_size:
-      return True
-    waiting_slots = {job.slot for job in self._pending}
-    if self._active_slots - self._late_slots <= waiting_slots:  # every due session has joined
-      return True
-    return time.time() >= self._wake_at()
+    return batching_rules.batch_ready(
+        self._batching, now=time.time(), pending_slots=[job.slot for job in self._pending],
+        oldest_enqueued_s=self._pending[0].enqueued_at if self._pending else math.inf,
+        active_slots=self._active_slots, late_slots=self._late_slots,
+        max_batch_size=self._max_batch_size, slo_wake_at=self._wake_at)
 
   def _wake_at(self) -> float:
     """When the pending verifies should run (a time already past: now)."""
     if self._batching.mode != "slo":
-      return self._pending[0].enqueued_at + self._batching.deadline_s()
+      return batching_rules.wake_at(self._batching, self._pending[0].enqueued_at)
     waiting_slots = {job.slot for job in self._pending}
     expected = []  # when the absent sessions with a measured edge time should send theirs
     for slot in self._active_slots - waiting_slots:
@@ -438,11 +436,13 @@ class EngineWorker:
         batch.append(self._pending.popleft())
       trees = [job.tree for job in batch]
       estimated_s = self.verify_time.predict_s(self._shape(batch, trees))
-    if self._batching.mode == "static" and len(batch) < self._max_batch_size:
-      # Room was left and the batch ran anyway: due sessions that did not join were waited for
-      # until the deadline. Stop waiting for them.
-      present = {job.slot for job in batch} | {job.slot for job in self._pending}
-      self._late_slots |= self._active_slots - present
+    # A static batch that ran with room left waited for the due sessions that did not join:
+    # stop waiting for them.
+    self._late_slots = batching_rules.late_after_batch(
+        self._batching, batch_slots=[job.slot for job in batch],
+        still_pending_slots=[job.slot for job in self._pending],
+        active_slots=self._active_slots, late_slots=self._late_slots,
+        max_batch_size=self._max_batch_size)
     started = time.time()
     try:
       results = self._engine.verify([(job.slot, tree) for job, tree in zip(batch, trees)])

@@ -74,7 +74,7 @@ from specedge_jax.engine.layer_split import (WIRE_DTYPES, Agreement, HeadEngine,
                                              TailEngine, greedy_agreement)
 from specedge_jax.engine.layer_split import generate as generate_split
 from specedge_jax.measure.events import EventLog
-from specedge_jax.serving import owner_thread
+from specedge_jax.serving import health_wait, owner_thread
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving import workload
 from specedge_jax.serving.drafter import EdgeDevice, EdgeRequest, RequestOutput, ServerError
@@ -1130,22 +1130,9 @@ def _channel(address: str, security: security_lib.ClientSecurity | None) -> grpc
 async def wait_for_tail(address: str, timeout_s: float,
                         security: security_lib.ClientSecurity | None = None) -> None:
   """Waits until the tail server's health service says SERVING."""
-  deadline = time.monotonic() + timeout_s
-  last_error = ""
   async with _channel(address, security) as channel:
-    stub = health_pb2_grpc.HealthStub(channel)
-    while True:
-      try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                 timeout=2.0)
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-          return
-      except grpc.aio.AioRpcError as e:
-        last_error = f"; last error: {e.code().name}: {e.details()}"
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"no SERVING layer-split server at {address} after {timeout_s:.0f} s"
-                           f"{last_error}")
-      await asyncio.sleep(0.2)
+    await health_wait.wait_until_serving(channel, SERVICE_NAME, what="layer-split server",
+                                         address=address, timeout_s=timeout_s)
 
 
 def _event_log(path: str | None) -> EventLog | None:

@@ -24,6 +24,7 @@ from specedge_jax.models import sharding as sharding_lib
 from specedge_jax.data import tokenizer_fingerprint as fingerprint_lib
 from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
+from specedge_jax.serving import health_wait
 from specedge_jax.serving import prefill_store
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving import speculation_controller
@@ -261,24 +262,8 @@ async def wait_for_serving(channel: grpc.aio.Channel, address: str, timeout_s: f
   stand-in keeps hearing NOT_SERVING until the stand-in goes and the channel reconnects to the
   verifier. A separate health channel could hear SERVING from the verifier while this one still
   talks to the stand-in, whose answer to an OpenSession is UNIMPLEMENTED."""
-  from grpc_health.v1 import health_pb2, health_pb2_grpc  # pylint: disable=g-import-not-at-top
-
-  deadline = time.monotonic() + timeout_s
-  last_error = ""
-  stub = health_pb2_grpc.HealthStub(channel)
-  while True:
-    try:
-      reply = await stub.Check(health_pb2.HealthCheckRequest(service="specedge.v1.Verifier"),
-                               timeout=2.0)
-      if reply.status == health_pb2.HealthCheckResponse.SERVING:
-        return
-    except grpc.aio.AioRpcError as e:
-      # Kept for the timeout's message: a TLS handshake failure shows only here.
-      last_error = f"; last error: {e.code().name}: {e.details()}"
-    if time.monotonic() > deadline:
-      raise TimeoutError(f"no SERVING verifier at {address} after {timeout_s:.0f} s"
-                         f"{last_error}")
-    await asyncio.sleep(0.2)
+  await health_wait.wait_until_serving(channel, "specedge.v1.Verifier", what="verifier",
+                                       address=address, timeout_s=timeout_s)
 
 
 def with_drafter_model(config: ServingConfig, client_index: int) -> ServingConfig:

@@ -1,20 +1,13 @@
 """The simulated verifier's batching decisions, with the real rules.
 
-What this module owns: the static/dynamic rule of `serving/engine_worker.EngineWorker`, written
-as pure functions of the worker's state (`batch_ready`, `wake_at`, `late_after_batch`), and
-`SloPolicy`, the per-session state the worker keeps for its 'slo' mode with the calls it makes
-into the real `serving/slo_scheduler.py` (`round_deadline`, `start_time`, `plan_batch`,
-`AcceptanceStats`) and the real `serving/verify_time.VerifyTimeEstimator`. No clock of its own:
-callers pass the simulated `now`.
-
-Why a mirror and not a shared function: the worker's `_batch_ready` reads its own fields and
-the wall clock, and it is being edited by another change right now. The three functions below
-say the same thing in the worker's own words; `tests/sim/test_simulator.py` drives the real
-`EngineWorker` and these functions through the same hand-made cases and asserts equal decisions,
-so a change to either side fails there. Extracting the rule into one function both call is the
-next step once the worker's edits land. The 'slo' mode needs no mirror of a decision: the
-decisions are `slo_scheduler`'s; what is repeated here is the worker's bookkeeping around them
-(which features it feeds them), cited line for line in `SloPolicy`.
+What this module owns: `SloPolicy`, the per-session state the worker keeps for its 'slo' mode
+with the calls it makes into the real `serving/slo_scheduler.py` (`round_deadline`,
+`start_time`, `plan_batch`, `AcceptanceStats`) and the real `serving/verify_time.
+VerifyTimeEstimator`. The static/dynamic rule is the worker's own, `serving/batching_rules.py`
+(re-exported here for the simulator). No clock of its own: callers pass the simulated `now`.
+What is repeated here is the worker's bookkeeping around the scheduler (which features it
+feeds it), cited line for line in `SloPolicy`; `tests/sim/test_simulator.py` drives the real
+`EngineWorker` and this module through the same hand-made cases and asserts equal decisions.
 """
 
 from __future__ import annotations
@@ -26,38 +19,9 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from specedge_jax.serving import slo_scheduler
+from specedge_jax.serving.batching_rules import batch_ready, late_after_batch, wake_at  # noqa: F401
 from specedge_jax.serving.serving_config import BatchingConfig
 from specedge_jax.serving.verify_time import BatchShape, VerifyTimeEstimator
-
-
-def wake_at(batching: BatchingConfig, oldest_enqueued_s: float) -> float:
-  """static/dynamic: when the pending verifies run at the latest (`EngineWorker._wake_at`)."""
-  return oldest_enqueued_s + batching.deadline_s()
-
-
-def batch_ready(batching: BatchingConfig, *, now: float, pending_slots: Sequence[int],
-                oldest_enqueued_s: float, active_slots: set[int], late_slots: set[int],
-                max_batch_size: int, slo_wake_at: float | None = None) -> bool:
-  """`EngineWorker._batch_ready`: a full batch; or every due (active, not late) session has a
-  verify pending; or the deadline passed ('slo': `slo_wake_at`, from `SloPolicy.wake_at`)."""
-  if len(pending_slots) >= max_batch_size:
-    return True
-  if active_slots - late_slots <= set(pending_slots):
-    return True
-  deadline = slo_wake_at if batching.mode == "slo" else wake_at(batching, oldest_enqueued_s)
-  return now >= deadline
-
-
-def late_after_batch(batching: BatchingConfig, *, batch_slots: Sequence[int],
-                     still_pending_slots: Sequence[int], active_slots: set[int],
-                     late_slots: set[int], max_batch_size: int) -> set[int]:
-  """The late set after a batch starts (`EngineWorker._run_batch`): a static batch that ran with
-  room left waited for the due sessions that did not join; no batch waits for them again until
-  they send a verify."""
-  if batching.mode == "static" and len(batch_slots) < max_batch_size:
-    present = set(batch_slots) | set(still_pending_slots)
-    return late_slots | (active_slots - present)
-  return set(late_slots)
 
 
 @dataclasses.dataclass

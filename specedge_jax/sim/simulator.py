@@ -548,7 +548,7 @@ class _SpecEdgeRun:
         spec.batching, now=self.loop.now, pending_slots=[job.slot for job in self.pending],
         oldest_enqueued_s=self.pending[0].enqueued_at, active_slots=self.active,
         late_slots=self.late, max_batch_size=spec.max_batch_size,
-        slo_wake_at=self._wake_at() if self.slo is not None else None)
+        slo_wake_at=self._wake_at if self.slo is not None else None)
 
   def _engine_thread(self) -> Iterator[tuple]:
     """`EngineWorker._run`, yielding ('busy', seconds) or ('wait', wake time or None)."""

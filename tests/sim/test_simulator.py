@@ -116,21 +116,24 @@ def _worker(mode: str, max_batch_size: int) -> engine_worker.EngineWorker:
   return worker
 
 
-CASES = [  # (pending slots, their arrival offsets, active, late, now offset)
-    ([0], [0.0], {0, 1}, set(), 0.001),  # waiting for slot 1
-    ([0], [0.0], {0, 1}, set(), 0.6),  # past the static deadline, not the dynamic one
-    ([0], [0.0], {0, 1}, {1}, 0.001),  # slot 1 is late: nobody to wait for
-    ([0, 1], [0.0, 0.001], {0, 1, 2}, set(), 0.002),  # still one due
-    ([0, 1, 2, 3], [0.0] * 4, {0, 1, 2, 3, 4, 5}, set(), 0.0),  # a full batch
-    ([0, 1], [0.0, 0.0], {0, 1}, set(), 0.0),  # every due session joined
-    ([2], [0.0], {1, 2, 3}, {1}, 0.004),  # past the dynamic deadline only
+CASES = [  # (pending slots, their arrival offsets, active, late, now offset,
+           #  ready when static (0.5 s timeout), ready when dynamic (3 ms))
+    ([0], [0.0], {0, 1}, set(), 0.001, False, False),  # waiting for slot 1
+    ([0], [0.0], {0, 1}, set(), 0.6, True, True),  # past both deadlines
+    ([0], [0.0], {0, 1}, {1}, 0.001, True, True),  # slot 1 is late: nobody to wait for
+    ([0, 1], [0.0, 0.001], {0, 1, 2}, set(), 0.002, False, False),  # still one due
+    ([0, 1, 2, 3], [0.0] * 4, {0, 1, 2, 3, 4, 5}, set(), 0.0, True, True),  # a full batch
+    ([0, 1], [0.0, 0.0], {0, 1}, set(), 0.0, True, True),  # every due session joined
+    ([2], [0.0], {1, 2, 3}, {1}, 0.004, False, True),  # past the dynamic deadline only
 ]
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("case", CASES)
-def test_the_mirrored_rule_decides_as_the_engine_worker(monkeypatch, mode, case):
-  slots, offsets, active, late, now = case
+def test_the_worker_and_the_simulator_decide_by_the_shared_rule(monkeypatch, mode, case):
+  """The engine worker feeds `batching_rules` its own fields and clock, the simulator its own:
+  both give the decision these cases were worked out to have, and the same late set after."""
+  slots, offsets, active, late, now, ready_static, ready_dynamic = case
   worker = _worker(mode, max_batch_size=4)
   t0 = 1000.0
   tree = DraftTree(tokens=np.array([1, 2]), parents=np.array([-1, 0]))
@@ -141,17 +144,22 @@ def test_the_mirrored_rule_decides_as_the_engine_worker(monkeypatch, mode, case)
   worker._active_slots |= active
   worker._late_slots |= late
   monkeypatch.setattr(engine_worker.time, "time", lambda: t0 + now)
-  expected = worker._batch_ready()
-  mirrored = batching.batch_ready(worker._batching, now=t0 + now, pending_slots=slots,
-                                  oldest_enqueued_s=t0 + offsets[0], active_slots=set(active),
-                                  late_slots=set(late), max_batch_size=4)
-  assert mirrored == expected
-  # And the late set after the batch runs (static: the absent due sessions become late).
+  expected = ready_static if mode == "static" else ready_dynamic
+  assert worker._batch_ready() == expected
+  assert batching.batch_ready(worker._batching, now=t0 + now, pending_slots=slots,
+                              oldest_enqueued_s=t0 + offsets[0], active_slots=set(active),
+                              late_slots=set(late), max_batch_size=4) == expected
+  # And the late set after the batch runs: a static batch with room left stops waiting for the
+  # due sessions that did not join; dynamic never marks anyone late.
   if expected:
     batch_slots = slots[:4]
     want = batching.late_after_batch(worker._batching, batch_slots=batch_slots,
                                      still_pending_slots=slots[4:], active_slots=set(active),
                                      late_slots=set(late), max_batch_size=4)
+    if mode == "static" and len(batch_slots) < 4:
+      assert want == set(late) | (set(active) - set(slots))
+    else:
+      assert want == set(late)
     worker._run_batch()
     assert worker._late_slots == want
 
