@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
           "tree_buckets": (),  # e.g. (3, 5) with slo batching: small trees run small forwards
           "speculation_control": False,  # the verifier advises each edge its next tree
           "control_reach_threshold": 0.3,
+          # Hold fewer sessions than slots while their measured ITL misses their SLOs; the rest
+          # wait for admission (time to first token), serving/slo_admission.py.
+          "slo_admission": False,
           "mesh_shape": "",  # one device; launch.verifier --mesh_shape=model=N shards
           "device_memory_gb": 0.0,  # the memory planner asks the device
           "memory_headroom": 0.9,

@@ -7,8 +7,9 @@ Systems, each on the same requests at each client count c (`systems`; these thre
   specedge_static  SpecEdge as the base config has it (configs/embedded.py: static batching, the
                    CPU tree, no controller).
   specedge_slo     the same plus `server.batching.mode=slo`, `edge.itl_slo_ms=<SLO>`,
-                   `server.speculation_control=True` and `server.tree_buckets` (so small or cut
-                   trees run smaller forwards).
+                   `server.speculation_control=True`, `server.tree_buckets` (so small or cut
+                   trees run smaller forwards) and `server.slo_admission=True` (fewer sessions
+                   held while their measured ITL misses the SLO; since session 19).
   server_only_ar   the target alone, continuous batching (`launch/server_only.py
                    --baseline=autoregressive`, via `sweep.run_baseline`).
 
@@ -293,6 +294,8 @@ def specedge_config(base: ServingConfig, clients: int, options: GoodputOptions,
   if system in (SPECEDGE_SLO, SPECEDGE_CONTROLLER):
     config = _with(config, server={"speculation_control": True,
                                    "tree_buckets": tuple(options.tree_buckets)})
+  if system == SPECEDGE_SLO:
+    config = _with(config, server={"slo_admission": True})
   return config
 
 

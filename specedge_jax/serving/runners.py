@@ -26,6 +26,7 @@ from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
 from specedge_jax.serving import health_wait
 from specedge_jax.serving import prefill_store
+from specedge_jax.serving import slo_admission
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving import speculation_controller
 from specedge_jax.serving import workload
@@ -189,7 +190,9 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                           controller=speculation_controller.SpeculationController(
                               config.tree, speculation_controller.ControllerConfig(
                                   reach_threshold=config.server.control_reach_threshold))
-                          if config.server.speculation_control else None)
+                          if config.server.speculation_control else None,
+                          slo_admission=slo_admission.SloAdmission(config.server.num_slots)
+                          if config.server.slo_admission else None)
   if precomputed is not None and server.prefill_cache is not None:
     precomputed.seed(server.prefill_cache)  # opens of these prompts take the cache's hit path
   bound = await server.start(f"{host}:{port}")

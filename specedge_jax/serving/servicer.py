@@ -42,6 +42,7 @@ from specedge_jax.data import tokenizer_fingerprint as fingerprint_lib
 from specedge_jax.serving.engine_worker import (EngineWorker, OpenResult, RequestError,
                                                 VerifyOutcome, _CloseJob, _Job, _OpenJob,
                                                 _VerifyJob)
+from specedge_jax.serving import slo_admission as slo_admission_lib
 from specedge_jax.serving import speculation_controller
 from specedge_jax.serving.proto import specedge_pb2, specedge_pb2_grpc
 
@@ -201,7 +202,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                eos_token_ids: Sequence[int] = (), identify: Identify | None = None,
                max_sessions_per_client: int = 0, admission_queue: int = 0,
                admission_wait_s: float = 10.0,
-               controller: speculation_controller.SpeculationController | None = None):
+               controller: speculation_controller.SpeculationController | None = None,
+               slo_admission: slo_admission_lib.SloAdmission | None = None):
     """`identify` names the caller from its metadata (None: no authentication, every caller is
     the same anonymous client). `max_sessions_per_client` caps the sessions (open or opening)
     one client may hold, keyed by its authenticated name, else by its `client_id` label; 0 is
@@ -210,12 +212,15 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     they get RESOURCE_EXHAUSTED with a `retry-after-ms` hint in the trailing metadata.
     `tokenizer_fingerprint` is the target's tokenizer: an open whose edge tokenizer differs gets
     FAILED_PRECONDITION (None: edges' tokenizers are not checked). `controller` (the speculation
-    controller) advises every answered round's next tree in `VerifyResponse.next_tree`."""
+    controller) advises every answered round's next tree in `VerifyResponse.next_tree`.
+    `slo_admission` caps the sessions held at once below the slots, from their measured ITL
+    against their SLOs (serving/slo_admission.py); opens past it queue as for full slots."""
     if max_sessions_per_client < 0:
       raise ValueError(f"max_sessions_per_client must be >= 0, got {max_sessions_per_client}")
     self._worker = worker
     self._limits = limits
     self._controller = controller
+    self._slo_admission = slo_admission
     self._tokenizer = tokenizer
     # The target's tokenizer, which every open's `tokenizer` is compared with (None: unchecked).
     self._fingerprint = tokenizer_fingerprint
@@ -529,7 +534,9 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     session.opened_at_step = session.steps_applied  # a retried open is valid until step 1
 
   def _free_slots(self) -> int:
-    return self._limits.num_slots - len(self.sessions) - self._opens_in_flight - self._admitted
+    held = (self._limits.num_slots if self._slo_admission is None
+            else min(self._limits.num_slots, self._slo_admission.capacity))
+    return held - len(self.sessions) - self._opens_in_flight - self._admitted
 
   @property
   def free_slots(self) -> int:
@@ -633,6 +640,9 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         timing=specedge_pb2.ServerTiming(queue_time_s=opened.queue_time_s,
                                          forward_time_s=opened.forward_time_s, batch_size=1))
     self.sessions[session.session_id] = session
+    if self._slo_admission is not None:
+      self._slo_admission.opened(session.session_id, itl_slo_s=session.itl_slo_s,
+                                 now=time.monotonic())
     if key is not None:
       session.open_key = key
       self._open_by_key[key] = session.session_id
@@ -659,6 +669,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     slot goes to the oldest queued open."""
     if self._controller is not None:
       self._controller.forget(session.session_id)
+    if self._slo_admission is not None:
+      self._slo_admission.forget(session.session_id)
     if self.sessions.pop(session.session_id, None) is not None:
       lifetime = time.monotonic() - session.opened_at
       self._mean_session_s += 0.1 * (lifetime - self._mean_session_s)
@@ -798,6 +810,10 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
           timing=specedge_pb2.ServerTiming(queue_time_s=outcome.queue_time_s,
                                            forward_time_s=outcome.forward_time_s,
                                            batch_size=outcome.batch_size))
+      if self._slo_admission is not None and self._slo_admission.answered(
+          session.session_id, emitted=len(result.emitted), now=time.monotonic(),
+          held=len(self.sessions), waiting=bool(self._admission)):
+        self._wake_admission()  # a raised capacity lets queued opens in
       if self._controller is not None and not result.finished:
         advice = self._advise(session, len(result.accepted),
                               outcome.queue_time_s + outcome.forward_time_s)

@@ -135,6 +135,11 @@ class ServerConfig:
   # draft to the deepest depth reached with at least this probability.
   speculation_control: bool = False
   control_reach_threshold: float = 0.3
+  # SLO-aware admission (serving/slo_admission.py): hold fewer sessions than slots while the
+  # ITL the verifier measures misses the sessions' SLOs (AIMD); opens past it queue as for full
+  # slots (admission_queue, admission_wait_s), so the wait is time to first token. Sessions
+  # without an SLO do not count.
+  slo_admission: bool = False
   # The target's devices: 'model=N' shards weights and cache over N devices (tensor
   # parallelism), 'data=D,model=N' also splits the slots over D groups; '' is one device.
   mesh_shape: str = ""

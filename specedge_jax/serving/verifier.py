@@ -33,6 +33,7 @@ from specedge_jax.measure.events import EventLog
 from specedge_jax.serving.engine_worker import EngineWorker, PrefillCache
 from specedge_jax.serving import security as security_lib
 from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.slo_admission import SloAdmission
 from specedge_jax.serving.speculation_controller import SpeculationController
 from specedge_jax.serving.servicer import SERVICE_NAME, EngineLimits, VerifierServicer
 from specedge_jax.serving.verify_time import VerifyTimeEstimator
@@ -60,14 +61,16 @@ class VerifierServer:
                limits: EngineLimits | None = None,
                security: security_lib.ServerSecurity | None = None,
                verify_time: VerifyTimeEstimator | None = None,
-               controller: SpeculationController | None = None):
+               controller: SpeculationController | None = None,
+               slo_admission: SloAdmission | None = None):
     """`session_timeout_s` is a session's lease: a session with no call for that long is closed
     and its slot freed. `max_sessions_per_client` (0: none) caps the sessions one client holds.
     Opens beyond the slots wait, first come first served, in a queue of `admission_queue` places
     for up to `admission_wait_s` (0 places: refused at once, with a retry-after hint).
     `tokenizer_fingerprint` (the target's tokenizer; `runners.serve_verifier` passes it) makes
     opens from edges with another tokenizer fail with FAILED_PRECONDITION. `controller` (the
-    speculation controller) advises each session's next tree in every answer."""
+    speculation controller) advises each session's next tree in every answer. `slo_admission`
+    holds fewer sessions than slots while their measured ITL misses their SLOs."""
     self.engine = engine
     self.security = security  # None: plaintext, no authentication (the old behaviour)
     self.limits = limits or EngineLimits.of(engine)
@@ -81,6 +84,7 @@ class VerifierServer:
     # The forward-time estimator of batching mode 'slo' (None: in memory, default seed).
     self.verify_time = verify_time
     self.controller = controller
+    self.slo_admission = slo_admission
     self._session_timeout_s = session_timeout_s
     self._max_sessions_per_client = max_sessions_per_client
     self._admission = (admission_queue, admission_wait_s)
@@ -110,7 +114,8 @@ class VerifierServer:
                                      admission_queue=self._admission[0],
                                      admission_wait_s=self._admission[1],
                                      identify=authenticator.client_of if authenticator else None,
-                                     controller=self.controller)
+                                     controller=self.controller,
+                                     slo_admission=self.slo_admission)
     # Trees of max_tree_nodes int32 tokens and parents are small; 16 MiB leaves ample room while
     # still refusing absurd messages before they are parsed.
     interceptors = [authenticator.interceptor()] if authenticator is not None else []

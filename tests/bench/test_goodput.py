@@ -192,11 +192,12 @@ def test_plan_orders_the_systems_per_client_count_and_sets_only_what_differs(tmp
   assert static.config.models.drafts == options.drafts
   assert static.config.server.batching.mode == base.server.batching.mode == "static"
   assert static.drafter_rtts_ms == (5.0, 14.0, 40.0, 5.0)
-  # The slo system differs from static by exactly the scheduler, the SLO, the controller and
-  # the tree buckets.
+  # The slo system differs from static by exactly the scheduler, the SLO, the controller, the
+  # tree buckets and SLO-aware admission.
   extra = {k: v for k, v in slo.overrides.items() if static.overrides.get(k) != v}
   assert extra == {"server.batching.mode": "slo", "server.speculation_control": True,
-                   "server.tree_buckets": (3, 5, 7), "edge.itl_slo_ms": 30}
+                   "server.tree_buckets": (3, 5, 7), "edge.itl_slo_ms": 30,
+                   "server.slo_admission": True}
   ar = by_name["server_only_ar/c4"].config
   assert ar.server.max_batch_size == min(base.server.max_batch_size, 8)
   assert ar.server.num_slots == ar.server.max_batch_size

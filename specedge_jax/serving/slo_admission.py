@@ -1,0 +1,111 @@
+"""SLO-aware admission: how many sessions the verifier holds at once so that they meet their ITL
+SLOs, found from the ITL it measures (additive increase, multiplicative decrease).
+
+Why: a verifier that takes every session that finds a free slot shares its batches among all of
+them; past its capacity every session's rounds queue, and under a mean-ITL SLO all of them miss
+together (goodput falls to zero while throughput holds). Holding fewer sessions lets those meet
+their SLO while the others wait for admission, where the wait is time to first token, not
+inter-token latency: what continuous-batching servers do, and why server-only serving keeps
+its ITL under load. The slot count is the hard cap; this is the SLO's cap below it.
+
+What this module owns: per session, an EMA of its measured inter-token latency as the verifier
+sees it (time between its consecutive answers over the tokens the later one emitted: drafting,
+network, queue and forward, all of it), and the capacity:
+- down to max(`min_sessions`, floor(held x `decrease`)) when a session that has answered
+  `warmup_rounds` rounds runs over its SLO, at most once per `cooldown_s`, since a cut takes a
+  while to show in the EMAs;
+- up by one when every such session is within (1 - `headroom`) of its SLO, at most once per
+  `cooldown_s`, and only while the capacity binds (sessions are waiting or it is full).
+Sessions without an SLO neither count nor are held back. Pure: the caller passes `now`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class AdmissionConfig:
+  min_sessions: int = 1
+  decrease: float = 0.75  # multiplicative cut on a violation
+  headroom: float = 0.15  # all under (1 - headroom) x SLO: room for one more
+  cooldown_s: float = 0.5
+  warmup_rounds: int = 3  # answers before a session's ITL counts
+  smoothing: float = 0.3  # EMA weight of a new round
+
+  def __post_init__(self):
+    if self.min_sessions < 1:
+      raise ValueError(f"min_sessions must be >= 1, got {self.min_sessions}")
+    if not 0 < self.decrease < 1 or not 0 <= self.headroom < 1 or not 0 < self.smoothing <= 1:
+      raise ValueError("decrease must be in (0, 1), headroom in [0, 1), smoothing in (0, 1]")
+    if self.cooldown_s < 0 or self.warmup_rounds < 1:
+      raise ValueError("cooldown_s must be >= 0 and warmup_rounds >= 1")
+
+
+@dataclasses.dataclass
+class _SessionItl:
+  itl_slo_s: float
+  last_answer_s: float
+  itl_s: float = 0.0
+  rounds: int = 0
+
+
+class SloAdmission:
+  """The number of sessions to hold at once, from their measured ITL against their SLOs."""
+
+  def __init__(self, max_sessions: int, config: AdmissionConfig = AdmissionConfig()):
+    if max_sessions < 1:
+      raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+    self.max_sessions = max_sessions
+    self.config = config
+    self.capacity = max_sessions
+    self._sessions: dict[str, _SessionItl] = {}
+    self._last_change_s = -math.inf
+
+  def opened(self, session: str, *, itl_slo_s: float, now: float) -> None:
+    """A session was admitted (its first token is out at `now`)."""
+    if itl_slo_s > 0:
+      self._sessions[session] = _SessionItl(itl_slo_s=itl_slo_s, last_answer_s=now)
+
+  def forget(self, session: str) -> None:
+    self._sessions.pop(session, None)
+
+  def itl_s(self, session: str) -> float | None:
+    """The session's measured ITL EMA; None before its first answer (or without an SLO)."""
+    state = self._sessions.get(session)
+    return state.itl_s if state is not None and state.rounds > 0 else None
+
+  def answered(self, session: str, *, emitted: int, now: float, held: int,
+               waiting: bool) -> bool:
+    """Records one answer of `emitted` tokens; `held`: sessions held now, `waiting`: opens are
+    queued for admission. Returns whether the capacity changed."""
+    state = self._sessions.get(session)
+    if state is None or emitted < 1:
+      return False
+    itl = (now - state.last_answer_s) / emitted
+    state.last_answer_s = now
+    state.itl_s = itl if state.rounds == 0 else state.itl_s + self.config.smoothing * (
+        itl - state.itl_s)
+    state.rounds += 1
+    return self._adjust(now, held, waiting)
+
+  def _adjust(self, now: float, held: int, waiting: bool) -> bool:
+    config = self.config
+    if now - self._last_change_s < config.cooldown_s:
+      return False
+    counted = [s for s in self._sessions.values() if s.rounds >= config.warmup_rounds]
+    if not counted:
+      return False
+    if any(s.itl_s > s.itl_slo_s for s in counted):
+      target = max(config.min_sessions, math.floor(min(held, self.capacity) * config.decrease))
+      if target < self.capacity:
+        self.capacity, self._last_change_s = target, now
+        return True
+      return False
+    binding = waiting or held >= self.capacity
+    if (binding and self.capacity < self.max_sessions and
+        all(s.itl_s <= (1 - config.headroom) * s.itl_slo_s for s in counted)):
+      self.capacity, self._last_change_s = self.capacity + 1, now
+      return True
+    return False

@@ -1,0 +1,106 @@
+"""SLO-aware admission (serving/slo_admission.py): the capacity falls when a session's measured
+ITL misses its SLO and climbs back when every session has room, only while it binds; over gRPC,
+opens past it queue for admission instead of sharing batches, and get in when it rises or a
+session closes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from specedge_jax.serving.proto import specedge_pb2 as pb
+from specedge_jax.serving.slo_admission import AdmissionConfig, SloAdmission
+from specedge_jax.testing.fakes import FakeTargetEngine, successor
+from specedge_jax.testing.servers import running_verifier
+
+SLO = 0.030
+FAST = AdmissionConfig(cooldown_s=0.0, warmup_rounds=2, smoothing=1.0)
+
+
+def answer_every(admission, sessions, itl_s, rounds, *, start=0.0, held=None, waiting=False):
+  """Each session answers `rounds` times, one token each, `itl_s` apart; returns the end time."""
+  now = start
+  for _ in range(rounds):
+    now += itl_s
+    for name in sessions:
+      admission.answered(name, emitted=1, now=now, held=len(sessions) if held is None else held,
+                         waiting=waiting)
+  return now
+
+
+def test_a_violation_cuts_the_capacity_and_room_for_all_raises_it_while_it_binds():
+  admission = SloAdmission(8, FAST)
+  sessions = [f"s{i}" for i in range(8)]
+  for name in sessions:
+    admission.opened(name, itl_slo_s=SLO, now=0.0)
+  answer_every(admission, sessions[:1], 0.010, 1)  # one round: still warming up
+  assert admission.capacity == 8
+  now = answer_every(admission, sessions, 2 * SLO, 2)  # everyone over the SLO
+  assert admission.capacity < 8
+  cut = admission.capacity
+  assert admission.itl_s("s0") == pytest.approx(2 * SLO)
+  # Back under (1 - headroom) x SLO, but nobody waits and the capacity is not full: no change.
+  for name in sessions[cut:]:
+    admission.forget(name)
+  now = answer_every(admission, sessions[:cut], 0.5 * SLO, 2, start=now, held=cut - 1)
+  assert admission.capacity == cut
+  # Opens are waiting: one more at a time, up to the slots.
+  answer_every(admission, sessions[:cut], 0.5 * SLO, 40, start=now, held=cut, waiting=True)
+  assert admission.capacity == 8
+
+
+def test_the_floor_the_cooldown_and_sessions_without_an_slo():
+  admission = SloAdmission(4, AdmissionConfig(cooldown_s=1.0, warmup_rounds=1, smoothing=1.0,
+                                              min_sessions=2))
+  admission.opened("no_slo", itl_slo_s=0.0, now=0.0)
+  admission.opened("a", itl_slo_s=SLO, now=0.0)
+  answer_every(admission, ["no_slo"], 10.0, 3)
+  assert admission.capacity == 4 and admission.itl_s("no_slo") is None  # not counted
+  assert admission.answered("a", emitted=1, now=0.1, held=4, waiting=False)  # 100 ms > SLO
+  assert admission.capacity == 3
+  assert not admission.answered("a", emitted=1, now=0.2, held=3, waiting=False)  # cooling down
+  admission.answered("a", emitted=1, now=1.3, held=3, waiting=False)
+  admission.answered("a", emitted=1, now=2.5, held=2, waiting=False)
+  assert admission.capacity == 2  # never below min_sessions
+  with pytest.raises(ValueError, match="min_sessions"):
+    AdmissionConfig(min_sessions=0)
+  with pytest.raises(ValueError, match="max_sessions"):
+    SloAdmission(0)
+
+
+def test_opens_past_the_slo_capacity_queue_and_are_admitted_when_it_rises():
+  vocab = 50
+  target = FakeTargetEngine(vocab_size=vocab, num_slots=4, max_batch_size=4)
+  admission = SloAdmission(4, AdmissionConfig(cooldown_s=0.0, warmup_rounds=1, smoothing=1.0))
+
+  async def scenario():
+    async with running_verifier(target, admission_queue=4, slo_admission=admission) as (
+        _, _, stub):
+      async def verify(session):
+        root = session.first_token if session.first_token else 0
+        await stub.Verify(pb.VerifyRequest(session_id=session.session_id, root_token=root,
+                                           tokens=[successor(root, vocab)], parents=[0]))
+
+      # "tight" has an SLO no round meets (1 ms); "loose" one every round meets (10 s).
+      tight, loose = [await stub.OpenSession(pb.OpenSessionRequest(
+          prompt_token_ids=[i + 1], max_new_tokens=32, itl_slo_ms=slo_ms, request_id=name))
+          for i, (name, slo_ms) in enumerate((("tight", 1), ("loose", 10_000)))]
+      await asyncio.sleep(0.01)
+      await verify(tight)  # 10 ms for one token: over 1 ms, the capacity falls below two
+      assert admission.capacity == 1
+      queued = asyncio.ensure_future(stub.OpenSession(pb.OpenSessionRequest(
+          prompt_token_ids=[9], max_new_tokens=32, request_id="late")))
+      await asyncio.sleep(0.3)
+      assert not queued.done()  # two held, capacity one: it waits, it is not refused
+      await stub.CloseSession(pb.CloseSessionRequest(session_id=tight.session_id))
+      await asyncio.sleep(0.1)
+      assert not queued.done()  # one held is the capacity
+      # The session left meets its SLO with room while an open waits: the capacity rises and
+      # the queued open is let in, with no close.
+      await verify(loose)
+      assert admission.capacity == 2
+      opened = await asyncio.wait_for(queued, 10)
+      assert opened.session_id
+
+  asyncio.run(asyncio.wait_for(scenario(), timeout=60))
