@@ -812,7 +812,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                                            batch_size=outcome.batch_size))
       if self._slo_admission is not None and self._slo_admission.answered(
           session.session_id, emitted=len(result.emitted), now=time.monotonic(),
-          held=len(self.sessions), waiting=bool(self._admission)):
+          held=len(self.sessions), waiting=bool(self._admission),
+          queue_s=outcome.queue_time_s):
         self._wake_admission()  # a raised capacity lets queued opens in
       if self._controller is not None and not result.finished:
         advice = self._advise(session, len(result.accepted),

@@ -8,14 +8,19 @@ their SLO while the others wait for admission, where the wait is time to first t
 inter-token latency: what continuous-batching servers do, and why server-only serving keeps
 its ITL under load. The slot count is the hard cap; this is the SLO's cap below it.
 
-What this module owns: per session, an EMA of its measured inter-token latency as the verifier
+What this module owns: per session, EMAs of its measured inter-token latency as the verifier
 sees it (time between its consecutive answers over the tokens the later one emitted: drafting,
-network, queue and forward, all of it), and the capacity:
+network, queue and forward, all of it) and of its queue time per token, and the capacity:
 - down to max(`min_sessions`, floor(held x `decrease`)) when a session that has answered
-  `warmup_rounds` rounds runs over its SLO, at most once per `cooldown_s`, since a cut takes a
-  while to show in the EMAs;
-- up by one when every such session is within (1 - `headroom`) of its SLO, at most once per
-  `cooldown_s`, and only while the capacity binds (sessions are waiting or it is full).
+  `warmup_rounds` rounds runs over its SLO *because of load*: its ITL less its queue time per
+  token would meet the SLO. A session over its SLO with no queue to blame (a long RTT, a slow
+  edge) is lost to its own edge; holding fewer sessions would not save it, only cost the
+  others their turn (the first version, without this test, cut capacity at 2 clients for the
+  40 ms edges' sake and lost 15 % of goodput there). At most once per `cooldown_s`, since a
+  cut takes a while to show in the EMAs;
+- up by one when every warmed-up session that its edge has not lost is within
+  (1 - `headroom`) of its SLO, at most once per `cooldown_s`, and only while the capacity
+  binds (sessions are waiting or it is full).
 Sessions without an SLO neither count nor are held back. Pure: the caller passes `now`.
 """
 
@@ -48,7 +53,15 @@ class _SessionItl:
   itl_slo_s: float
   last_answer_s: float
   itl_s: float = 0.0
+  queue_s: float = 0.0  # queue time per token
   rounds: int = 0
+
+  def lost(self) -> bool:
+    """Over its SLO even with no queue: its own edge's time misses it."""
+    return self.itl_s - self.queue_s > self.itl_slo_s
+
+  def over_by_load(self) -> bool:
+    return self.itl_s > self.itl_slo_s and not self.lost()
 
 
 class SloAdmission:
@@ -77,16 +90,21 @@ class SloAdmission:
     return state.itl_s if state is not None and state.rounds > 0 else None
 
   def answered(self, session: str, *, emitted: int, now: float, held: int,
-               waiting: bool) -> bool:
-    """Records one answer of `emitted` tokens; `held`: sessions held now, `waiting`: opens are
-    queued for admission. Returns whether the capacity changed."""
+               waiting: bool, queue_s: float = 0.0) -> bool:
+    """Records one answer of `emitted` tokens whose round waited `queue_s` in the verifier's
+    queue; `held`: sessions held now, `waiting`: opens are queued for admission. Returns
+    whether the capacity changed."""
     state = self._sessions.get(session)
     if state is None or emitted < 1:
       return False
-    itl = (now - state.last_answer_s) / emitted
+    itl, queue = (now - state.last_answer_s) / emitted, max(queue_s, 0.0) / emitted
     state.last_answer_s = now
-    state.itl_s = itl if state.rounds == 0 else state.itl_s + self.config.smoothing * (
-        itl - state.itl_s)
+    if state.rounds == 0:
+      state.itl_s, state.queue_s = itl, queue
+    else:
+      alpha = self.config.smoothing
+      state.itl_s += alpha * (itl - state.itl_s)
+      state.queue_s += alpha * (queue - state.queue_s)
     state.rounds += 1
     return self._adjust(now, held, waiting)
 
@@ -97,15 +115,16 @@ class SloAdmission:
     counted = [s for s in self._sessions.values() if s.rounds >= config.warmup_rounds]
     if not counted:
       return False
-    if any(s.itl_s > s.itl_slo_s for s in counted):
+    if any(s.over_by_load() for s in counted):
       target = max(config.min_sessions, math.floor(min(held, self.capacity) * config.decrease))
       if target < self.capacity:
         self.capacity, self._last_change_s = target, now
         return True
       return False
     binding = waiting or held >= self.capacity
-    if (binding and self.capacity < self.max_sessions and
-        all(s.itl_s <= (1 - config.headroom) * s.itl_slo_s for s in counted)):
+    savable = [s for s in counted if not s.lost()]  # the lost tell nothing about load
+    if (binding and self.capacity < self.max_sessions and savable and
+        all(s.itl_s <= (1 - config.headroom) * s.itl_slo_s for s in savable)):
       self.capacity, self._last_change_s = self.capacity + 1, now
       return True
     return False
