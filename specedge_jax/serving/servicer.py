@@ -540,8 +540,9 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
 
   @property
   def free_slots(self) -> int:
-    """Server slots no session holds, is opening or was promised (a metrics gauge)."""
-    return self._free_slots()
+    """Server slots no session holds, is opening or was promised (a metrics gauge); 0 while
+    SLO admission holds fewer sessions than are open."""
+    return max(0, self._free_slots())
 
   @property
   def admission_queue_length(self) -> int:

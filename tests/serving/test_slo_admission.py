@@ -109,7 +109,7 @@ def test_opens_past_the_slo_capacity_queue_and_are_admitted_when_it_rises():
     # Static batching waits up to 200 ms for every due session: "tight"'s round queues there.
     async with running_verifier(target, admission_queue=4, slo_admission=admission,
                                 batching=BatchingConfig(mode="static",
-                                                        static_timeout_s=0.2)) as (_, _, stub):
+                                                        static_timeout_s=0.2)) as (server, _, stub):
       async def verify(session):
         root = session.first_token if session.first_token else 0
         await stub.Verify(pb.VerifyRequest(session_id=session.session_id, root_token=root,
@@ -127,6 +127,7 @@ def test_opens_past_the_slo_capacity_queue_and_are_admitted_when_it_rises():
           prompt_token_ids=[9], max_new_tokens=32, request_id="late")))
       await asyncio.sleep(0.3)
       assert not queued.done()  # two held, capacity one: it waits, it is not refused
+      assert server.servicer.free_slots == 0 and server.servicer.admission_queue_length == 1
       await stub.CloseSession(pb.CloseSessionRequest(session_id=tight.session_id))
       await asyncio.sleep(0.1)
       assert not queued.done()  # one held is the capacity
