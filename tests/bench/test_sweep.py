@@ -26,7 +26,9 @@ def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_d
        f"--config.models.draft={served_pair_dirs['draft']}",
        "--config.tree.max_n_beams=2", "--config.tree.max_beam_len=3",
        "--config.tree.max_branch_width=2", "--config.edge.requests_per_drafter=1",
-       "--clients=1,2", "--batch_sizes=2", "--budgets=6", "--rtt_ms=1",
+       # One grid point (two runs: SpecEdge and its AR baseline) keeps this test's processes
+       # few; which run serves which point over a larger grid is the planning tests' below.
+       "--clients=2", "--batch_sizes=2", "--budgets=6", "--rtt_ms=1",
        # The speculative baseline takes the same path as the autoregressive one
        # (launch/server_only.py); it is left out to keep this test's compiles few.
        "--systems=specedge,server_only_ar",
@@ -39,8 +41,7 @@ def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_d
 
   report = json.loads((out_dir / "report.json").read_text())
   pairs = {(p["system"], p["point"]): p for p in report["points"]}
-  assert set(pairs) == {(system, point) for system in ("specedge", "server_only_ar")
-                        for point in ("c1-b2-t6-rtt1", "c2-b2-t6-rtt1")}
+  assert set(pairs) == {(system, "c2-b2-t6-rtt1") for system in ("specedge", "server_only_ar")}
   for (system, point), entry in pairs.items():
     run = report["runs"][entry["run"]]
     assert run["system"] == system and point in run["points"]
@@ -54,14 +55,11 @@ def test_sweep_writes_a_summary_per_system_and_point_and_the_plots(served_pair_d
       # Tagged on disk, not only when the sweep reads them: launch/report.py can read the folder.
       tags = {json.loads(line).get("run_id") for line in (out_dir / path).read_text().splitlines()}
       assert tags == {entry["run"]}, (path, tags)
-  spec = {p: report["runs"][pairs[("specedge", p)]["run"]]["summary"]
-          for p in ("c1-b2-t6-rtt1", "c2-b2-t6-rtt1")}
-  # Each SpecEdge run is its own (re-tagged) run with its own drafters.
-  assert spec["c1-b2-t6-rtt1"]["n_edges"] == 1 and spec["c2-b2-t6-rtt1"]["n_edges"] == 2
-  assert all(s["requests"]["mean_tokens_per_step"] > 1.0 for s in spec.values())
-  # One user (c1, K=1) vs two users in flight: distinct autoregressive runs.
-  assert pairs[("server_only_ar", "c1-b2-t6-rtt1")]["run"] != \
-      pairs[("server_only_ar", "c2-b2-t6-rtt1")]["run"]
+  spec = report["runs"][pairs[("specedge", "c2-b2-t6-rtt1")]["run"]]["summary"]
+  # The SpecEdge run is its own (re-tagged) run with its two drafters.
+  assert spec["n_edges"] == 2 and spec["requests"]["mean_tokens_per_step"] > 1.0
+  assert pairs[("server_only_ar", "c2-b2-t6-rtt1")]["run"] != \
+      pairs[("specedge", "c2-b2-t6-rtt1")]["run"]
 
   pngs = ["throughput_vs_clients.png", "itl_vs_clients.png", "itl_cdf.png",
           "accepted_length_hist.png"]
