@@ -5,6 +5,7 @@ efficiency against its verify-curve bound. Tables, goodput.json and PNGs in --ou
   python -m launch.bench_goodput                       # results/goodput, SLO from a pilot
   python -m launch.bench_goodput --clients=2,4 --requests_per_client=2 --itl_slo_ms=30
   python -m launch.bench_goodput --verify_curve=results/goodput/verify_curve.json
+  python -m launch.bench_goodput --repeats=3 --requests_per_client=12   # with 95 % intervals
   python -m launch.bench_goodput --dry_run             # the command lines, nothing run
   python -m launch.bench_goodput --itl_slo_ms=27 --clients=4,8 \
       --systems=specedge_static,specedge_slo,specedge_slo_batching,specedge_controller
@@ -31,6 +32,9 @@ _CLIENTS = flags.DEFINE_list("clients", [str(c) for c in _DEFAULTS.clients],
                              "Concurrent clients (drafter processes) per point.")
 _REQUESTS_PER_CLIENT = flags.DEFINE_integer("requests_per_client", _DEFAULTS.requests_per_client,
                                             "Requests each drafter serves.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", _DEFAULTS.repeats, "Run every point this many times, pass after pass; >= 2 "
+    "gives each ratio a 95 % interval.")
 _REQUESTS_PER_DRAFTER = flags.DEFINE_integer(
     "requests_per_drafter", _DEFAULTS.requests_per_drafter, "K: requests interleaved on one edge.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", _DEFAULTS.max_new_tokens,
@@ -56,6 +60,9 @@ _ATTAINMENT = flags.DEFINE_float("attainment_target", _DEFAULTS.attainment_targe
                                  "Capacity: the fraction of requests that must meet the SLO.")
 _VERIFIER_CPUS = flags.DEFINE_string("verifier_cpus", "0", "Pin the verifier, the baselines "
                                      "and the verify curve.")
+_VERIFIER_IO_CPUS = flags.DEFINE_string(
+    "verifier_io_cpus", ",".join(str(c) for c in _DEFAULTS.verifier_io_cpus),
+    "The SpecEdge verifier's network threads on these cores ('': beside its compute).")
 _DRAFTER_CPUS = flags.DEFINE_string("drafter_cpus", "1", "Pin the drafters (and this process).")
 _SYSTEMS = flags.DEFINE_list("systems", list(goodput.SYSTEMS), "Systems to run, of "
                              f"{', '.join(goodput.ALL_SYSTEMS)} (the slo+controller ablations).")
@@ -94,7 +101,7 @@ def main(argv):
   try:
     options = goodput.GoodputOptions(
         out_dir=_OUT_DIR.value, clients=_numbers(_CLIENTS, int),
-        requests_per_client=_REQUESTS_PER_CLIENT.value,
+        requests_per_client=_REQUESTS_PER_CLIENT.value, repeats=_REPEATS.value,
         requests_per_drafter=_REQUESTS_PER_DRAFTER.value, max_new_tokens=_MAX_NEW_TOKENS.value,
         source=_SOURCE.value, rtts_ms=_numbers(_RTTS_MS, float), drafts=tuple(_DRAFTS.value),
         netns=_NETNS.value, netns_jitter_ms=_NETNS_JITTER_MS.value,
@@ -102,6 +109,7 @@ def main(argv):
         slo_factor=_SLO_FACTOR.value, tree_buckets=_numbers(_TREE_BUCKETS, int),
         attainment_target=_ATTAINMENT.value,
         verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),
+        verifier_io_cpus=processes.parse_cpus(_VERIFIER_IO_CPUS.value),
         drafter_cpus=processes.parse_cpus(_DRAFTER_CPUS.value),
         systems=tuple(_SYSTEMS.value), verify_curve=_VERIFY_CURVE.value,
         start_gate=_START_GATE.value,

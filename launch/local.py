@@ -38,6 +38,9 @@ _REFERENCE_YAML = flags.DEFINE_string(
     "reference_yaml", None, "A reference specedge YAML file instead of --config "
     "(serving/reference_config.py); --config.<path>=value flags override it.")
 _VERIFIER_CPUS = flags.DEFINE_string("verifier_cpus", "", "Pin the verifier (and baselines).")
+_VERIFIER_IO_CPUS = flags.DEFINE_string(
+    "verifier_io_cpus", "", "Move the verifier's network threads (gRPC, its asyncio loop) to "
+    "these cores once it serves; its compute stays on --verifier_cpus.")
 _DRAFTER_CPUS = flags.DEFINE_string("drafter_cpus", "", "Pin the drafters.")
 _BASELINES = flags.DEFINE_list("baselines", [], "Server-only runs to compare: autoregressive, "
                                "speculative.")
@@ -90,6 +93,7 @@ def main(argv):
           loss_pct=_NETNS_LOSS_PCT.value, drafter_rtts_ms=rtts, shaper=_NETNS_SHAPER.value)
     options = local.LocalOptions(
         out_dir=out_dir, verifier_cpus=processes.parse_cpus(_VERIFIER_CPUS.value),
+        verifier_io_cpus=processes.parse_cpus(_VERIFIER_IO_CPUS.value),
         drafter_cpus=processes.parse_cpus(_DRAFTER_CPUS.value),
         baselines=tuple(_BASELINES.value), compilation_cache_dir=_COMPILATION_CACHE_DIR.value,
         insecure=_INSECURE_LOCAL.value, serve=_SERVE.value, http_port=_HTTP_PORT.value,

@@ -41,8 +41,11 @@ _CALIBRATE_DRAFTERS = flags.DEFINE_list(
 _GRPC_CPUS = flags.DEFINE_list("grpc_cpus", ["0", "1"],
                                "--calibrate: server core, client core of the gRPC round.")
 _EDGES = flags.DEFINE_list("edges", ["10", "100", "1000"], "--scale: edge counts.")
-_SYSTEMS = flags.DEFINE_list("systems", ["specedge_static", "specedge_dynamic", "specedge_slo",
-                                         "server_only_ar"], "--scale: systems.")
+_SYSTEMS = flags.DEFINE_list(
+    "systems", ["specedge_static", "specedge_dynamic", "specedge_slo", "specedge_slo_admission",
+                "server_only_ar"],
+    "--scale: systems (specedge_slo: slo batching and the controller; specedge_slo_admission: "
+    "the same with SLO-aware admission).")
 _ITL_SLO_MS = flags.DEFINE_float("itl_slo_ms", 50.0, "--scale: the ITL SLO (mean per request).")
 _TTFT_SLO_MS = flags.DEFINE_float("ttft_slo_ms", 2000.0, "--scale: the TTFT bound of the SLO.")
 _REQUESTS_PER_CLIENT = flags.DEFINE_integer("requests_per_client", 2,

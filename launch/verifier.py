@@ -28,7 +28,7 @@ from absl import app, flags
 from launch import serving_flags
 from specedge_jax.engine import memory_plan
 from specedge_jax.models import sharding
-from specedge_jax.serving import runners, security
+from specedge_jax.serving import io_threads, processes, runners, security
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0: all).")
 _PORT = flags.DEFINE_integer("port", 50051, "Port; 0 picks a free one.")
@@ -44,6 +44,9 @@ _METRICS_PORT = flags.DEFINE_integer(
     "(0 picks a free port); unset: no metrics endpoint.")
 _METRICS_HOST = flags.DEFINE_string("metrics_host", "127.0.0.1",
                                     "Interface of the metrics endpoint.")
+_IO_CPUS = flags.DEFINE_string(
+    "io_cpus", "", "Once serving, move the network threads (gRPC's, the asyncio loop) to these "
+    "cores, keeping XLA's compute on --cpus (serving/io_threads.py), e.g. --cpus=0 --io_cpus=1.")
 _MESH_SHAPE = flags.DEFINE_string(
     "mesh_shape", None, "Shard the target over devices: 'model=N' (tensor parallelism over "
     "heads and the MLP, KV cache over kv heads) or 'data=D,model=N' (slots split over D); "
@@ -67,6 +70,12 @@ def main(argv):
           config, server=dataclasses.replace(config.server, mesh_shape=_MESH_SHAPE.value))
     except ValueError as e:
       raise app.UsageError(f"--mesh_shape: {e}") from None
+  try:
+    io_cpus = processes.parse_cpus(_IO_CPUS.value)
+    if io_cpus:
+      io_threads.check_io_cpus(io_cpus)
+  except ValueError as e:
+    raise app.UsageError(f"--io_cpus: {e}") from None
   serving_flags.setup_process()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   try:
@@ -74,8 +83,9 @@ def main(argv):
         config, host=_HOST.value, port=_PORT.value,
         port_file=_PORT_FILE.value, events_path=serving_flags.EVENT_LOG.value,
         run_id=serving_flags.RUN_ID.value, security=server_security,
-        metrics_port=_METRICS_PORT.value, metrics_host=_METRICS_HOST.value))
+        metrics_port=_METRICS_PORT.value, metrics_host=_METRICS_HOST.value, io_cpus=io_cpus))
   except (memory_plan.MemoryPlanError, sharding.MeshError) as e:  # before any weight was read
+
     sys.exit(f"verifier: {e}")
   # Served and shut down: the server is stopped and the event log closed. Leave without the
   # interpreter's teardown, whose C++ static destructors of torch (loaded by transformers with

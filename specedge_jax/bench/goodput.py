@@ -47,7 +47,8 @@ says its engine warmed up, then lets it go (SIGCONT): the drafters wait in their
 while the verifier loads and all start within the same second. The spread of the drafters' first
 requests is reported per run ("start spread"); nothing in the serving stack is changed for this.
 
-Pinning: the verifier, the baselines and the verify curve on `verifier_cpus`, the drafters on
+Pinning: the verifier, the baselines and the verify curve on `verifier_cpus`, the SpecEdge
+verifier's network threads on `verifier_io_cpus` (default the drafters' core), the drafters on
 `drafter_cpus`, and so is the namespaces' user-space link relay (`LinkRelayPinner`; a child of
 this process, serving/netns.py), so it shares the edges' core rather than the server's.
 
@@ -64,7 +65,14 @@ Definitions (per run; `metrics.py` for the rest):
                    forward if each forward cost what the curve says.
   efficiency       tokens per server-compute second (prefill included) / bound; "verify-only"
                    uses the tokens of verify steps over verify forwards alone, which equals
-                   t_verify(mean B, mean T) / the mean measured verify forward.
+                   t_verify(mean B, mean T) / the mean measured verify forward; "with prefill"
+                   (compute efficiency) puts the run's measured prefill into the bound: (verify
+                   steps x t_verify(mean B, mean T) + prefill time) / server compute time.
+  repeats          with `repeats` >= 2 each point runs once per pass; a point's goodput pools
+                   its passes (met requests over wall time), and a ratio is the geometric mean
+                   of the per-pass ratios (pass i against pass i, minutes apart) with a 95 %
+                   t-interval on their logs; a goal "holds" at a client count when the whole
+                   interval is at or above it, and is "missed" when the whole interval is below.
   ITL breakdown    per verify round of each request, from the drafters' events: draft time,
                    server queue, server forward, network (the round's wait less queue and
                    forward: RTT, gRPC, TLS) and edge other (the gap between token arrivals less
@@ -149,11 +157,18 @@ class GoodputOptions:
   tree_buckets: tuple[int, ...] = (3, 5, 7)
   attainment_target: float = 0.9
   verifier_cpus: tuple[int, ...] = (0,)
+  # The SpecEdge verifier's network threads (gRPC, TLS, its asyncio loop) move here once it
+  # serves (serving/io_threads.py), as a GPU server's would run on host cores beside its device:
+  # with them on the verifier's one core, the forward stretched up to 50 % over the curve.
+  verifier_io_cpus: tuple[int, ...] = (1,)
   drafter_cpus: tuple[int, ...] = (1,)
   systems: tuple[str, ...] = SYSTEMS
   verify_curve: str = ""  # a bench_core JSON; '': measure it in this run
   curve_tree_sizes: tuple[int, ...] = (2, 3, 5, 7, 9)  # those <= the largest tree are measured
   curve_repeats: int = 20
+  # Each (system, clients) point this many times, pass after pass (so drift reaches every
+  # system alike); >= 2 gives the ratios 95 % intervals (`paired_ratio`).
+  repeats: int = 1
   start_gate: bool = True
   compilation_cache_dir: str = local.LocalOptions.compilation_cache_dir
   run_timeout_s: float = 1800.0
@@ -164,7 +179,7 @@ class GoodputOptions:
       if not values or any(int(v) != v or v < 1 for v in values) or len(set(values)) != len(values):
         raise ValueError(f"{name} must be distinct integers >= 1, got {values}")
     for name in ("requests_per_client", "requests_per_drafter", "max_new_tokens",
-                 "curve_repeats"):
+                 "curve_repeats", "repeats"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not self.rtts_ms or any(not r >= 0 for r in self.rtts_ms):
@@ -252,6 +267,7 @@ class PlannedRun:
   config: ServingConfig
   overrides: Mapping[str, Any]  # how `config` differs from the base config
   drafter_rtts_ms: tuple[float, ...] = ()  # per drafter over netns; () = no netns
+  repeat: int = 0  # which pass of `GoodputOptions.repeats`
 
   @property
   def folder(self) -> str:
@@ -305,10 +321,22 @@ def ar_config(static_config: ServingConfig) -> ServingConfig:
   return _with(config, server={"num_slots": config.server.max_batch_size})
 
 
+def run_name(system: str, clients: int, repeat: int, repeats: int) -> str:
+  """<system>/c<clients>, and /r<repeat> when the benchmark repeats its points."""
+  return f"{system}/c{clients}" + (f"/r{repeat}" if repeats > 1 else "")
+
+
 def plan_runs(base: ServingConfig, options: GoodputOptions, itl_slo_ms: int | None,
               use_netns: bool) -> list[PlannedRun]:
-  """Per client count (ascending), each of `options.systems` in `ALL_SYSTEMS` order.
-  `itl_slo_ms` None plans none of the systems that need it (the pilot decides the SLO first)."""
+  """Per pass (`options.repeats`), per client count (ascending), each of `options.systems` in
+  `ALL_SYSTEMS` order. `itl_slo_ms` None plans none of the systems that need it (the pilot
+  decides the SLO first)."""
+  return [run for repeat in range(options.repeats)
+          for run in _plan_pass(base, options, itl_slo_ms, use_netns, repeat)]
+
+
+def _plan_pass(base: ServingConfig, options: GoodputOptions, itl_slo_ms: int | None,
+               use_netns: bool, repeat: int) -> list[PlannedRun]:
   runs = []
   for clients in sorted(options.clients):
     rtts = options.rtts_for(clients) if use_netns else ()
@@ -322,8 +350,8 @@ def plan_runs(base: ServingConfig, options: GoodputOptions, itl_slo_ms: int | No
       else:
         config = specedge_config(base, clients, options, system, itl_slo_ms, use_netns)
         run_rtts = rtts
-      runs.append(PlannedRun(f"{system}/c{clients}", system, clients, config,
-                             config_overrides(base, config), run_rtts))
+      runs.append(PlannedRun(run_name(system, clients, repeat, options.repeats), system,
+                             clients, config, config_overrides(base, config), run_rtts, repeat))
   return runs
 
 
@@ -352,6 +380,8 @@ def command_line(run: PlannedRun, options: GoodputOptions, run_dir: str) -> list
              f"--netns_loss_pct={options.netns_loss_pct:g}"]
   if cpus:
     argv.append(f"--verifier_cpus={cpus}")
+  if options.verifier_io_cpus:
+    argv.append(f"--verifier_io_cpus={','.join(str(c) for c in options.verifier_io_cpus)}")
   if options.drafter_cpus:
     argv.append(f"--drafter_cpus={','.join(str(c) for c in options.drafter_cpus)}")
   return argv + config_flags
@@ -534,6 +564,9 @@ class ServerEfficiency:
   efficiency: float | None = None
   verify_tokens_per_s: float | None = None  # verify steps' tokens per verify-forward second
   verify_efficiency: float | None = None
+  # The curve's compute for this run's forwards (steps x t_verify(mean B, mean T)) plus its
+  # prefill as measured, over its measured compute: the bound with prefill in it.
+  compute_efficiency: float | None = None
 
 
 def server_efficiency(run: metrics.Run, summary: metrics.RunSummary,
@@ -558,9 +591,12 @@ def server_efficiency(run: metrics.Run, summary: metrics.RunSummary,
   curve_ms, clamped = curve.ms(figures.mean_batch, figures.mean_tree_tokens)
   bound = bound_tokens_per_s(figures.tokens_per_step, figures.mean_batch, curve_ms / 1000.0)
   verify_rate = verify_tokens / forward_s if forward_s > 0 else None
+  compute_s = forward_s + prefill_s
   return dataclasses.replace(
       figures, curve_ms=curve_ms, curve_clamped=clamped, bound_tokens_per_s=bound,
       efficiency=efficiency(summary.throughput_per_compute_s, bound),
+      compute_efficiency=((len(steps) * curve_ms / 1000.0 + prefill_s) / compute_s
+                          if compute_s > 0 else None),
       verify_tokens_per_s=verify_rate, verify_efficiency=efficiency(verify_rate, bound))
 
 
@@ -624,6 +660,7 @@ class GoodputRow:
   controller: Mapping[str, float | None]
   truncated_nodes: int
   same_tokens_as_ar: bool | None
+  repeat: int = 0
 
   @property
   def attainment(self) -> float | None:
@@ -632,7 +669,7 @@ class GoodputRow:
   def to_dict(self) -> dict[str, Any]:
     requests = self.summary.requests
     return {
-        "system": self.system, "clients": self.clients, "run": self.run,
+        "system": self.system, "clients": self.clients, "run": self.run, "repeat": self.repeat,
         "requests": requests.n_requests, "slo_met_requests": requests.slo_met_requests,
         "slo_attainment": requests.slo_attainment,
         "goodput_requests_per_s": self.goodput_requests_per_s,
@@ -662,6 +699,7 @@ class GoodputResult:
   written: list[str]
   report: dict[str, Any]
   options: GoodputOptions
+  points: dict[tuple[str, int], PointGoodput] = dataclasses.field(default_factory=dict)
 
 
 def summarize_run(record: RunRecord, itl_slo_ms: int, curve: VerifyCurve | None,
@@ -684,20 +722,130 @@ def summarize_run(record: RunRecord, itl_slo_ms: int, curve: VerifyCurve | None,
       truncated_nodes=sum(int(e.get("truncated_nodes") or 0) for e in events
                           if e["kind"] == "server_batch"),
       same_tokens_as_ar=(None if ar_outputs is None or record.run.system == SERVER_ONLY_AR
-                         else outputs == ar_outputs))
+                         else outputs == ar_outputs),
+      repeat=record.run.repeat)
+
+
+@dataclasses.dataclass(frozen=True)
+class PointGoodput:
+  """A (system, clients) point over its repeats: requests meeting the SLO pooled over the runs,
+  and each run's goodput in pass order."""
+
+  system: str
+  clients: int
+  requests: int
+  met: int
+  wall_time_s: float
+  per_run: tuple[float, ...]  # goodput req/s of each pass
+  attainment_per_run: tuple[float, ...]
+
+  @property
+  def goodput(self) -> float | None:
+    """Pooled: every pass's met requests over every pass's wall time."""
+    return self.met / self.wall_time_s if self.wall_time_s > 0 else None
+
+  @property
+  def attainment(self) -> float | None:
+    return self.met / self.requests if self.requests else None
+
+  def interval(self, confidence: float = 0.95) -> tuple[float, float] | None:
+    """A t-interval of the mean per-pass goodput; None below two passes."""
+    values = np.asarray(self.per_run, dtype=float)
+    if len(values) < 2:
+      return None
+    half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def t_quantile(confidence: float, dof: int) -> float:
+  """The two-sided Student t quantile (scipy comes with JAX)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top (only intervals need it)
+  return float(stats.t.ppf(0.5 + confidence / 2.0, dof))
+
+
+def point_goodputs(rows: Sequence[GoodputRow]) -> dict[tuple[str, int], PointGoodput]:
+  """Every (system, clients) point of `rows`, its passes pooled (rows without SLO figures are
+  left out)."""
+  grouped: dict[tuple[str, int], list[GoodputRow]] = {}
+  for row in sorted(rows, key=lambda r: r.repeat):
+    if row.summary.requests.slo_met_requests is None or row.goodput_requests_per_s is None:
+      continue
+    grouped.setdefault((row.system, row.clients), []).append(row)
+  return {key: PointGoodput(
+      system=key[0], clients=key[1],
+      requests=sum(r.summary.requests.n_requests for r in group),
+      met=sum(int(r.summary.requests.slo_met_requests or 0) for r in group),
+      wall_time_s=sum(r.summary.wall_time_s for r in group),
+      per_run=tuple(float(r.goodput_requests_per_s or 0.0) for r in group),
+      attainment_per_run=tuple(float(r.attainment or 0.0) for r in group))
+      for key, group in grouped.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioEstimate:
+  """A goodput ratio over paired passes (pass i of one system against pass i of the other, run
+  minutes apart): the geometric mean of the per-pass ratios, with a t-interval on their logs."""
+
+  value: float | None
+  interval: tuple[float, float] | None
+  per_run: tuple[float | None, ...]
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float],
+                 confidence: float = 0.95) -> RatioEstimate:
+  """numerator_i / denominator_i per pass (`goodput_ratio`), summarized (`RatioEstimate`). One
+  pass: that ratio and no interval. A pass whose ratio is 0, inf or undefined leaves the logs
+  undefined: then the estimate is the pooled ratio (sums over passes) and there is no interval."""
+  pairs = list(zip(numerators, denominators))
+  per_run = tuple(goodput_ratio(n, d) for n, d in pairs)
+  if not pairs:
+    return RatioEstimate(None, None, ())
+  if any(r is None or r == 0 or math.isinf(r) for r in per_run):
+    return RatioEstimate(goodput_ratio(sum(numerators), sum(denominators)), None, per_run)
+  logs = np.log(np.asarray(per_run, dtype=float))
+  value = float(np.exp(logs.mean()))
+  if len(logs) < 2:
+    return RatioEstimate(value, None, per_run)
+  half = t_quantile(confidence, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
+  return RatioEstimate(value, (float(np.exp(logs.mean() - half)),
+                               float(np.exp(logs.mean() + half))), per_run)
+
+
+def point_efficiencies(rows: Sequence[GoodputRow]) -> dict[tuple[str, int], dict[str, Any]]:
+  """Per SpecEdge (system, clients) point: each efficiency and the bound, meaned over passes."""
+  grouped: dict[tuple[str, int], list[ServerEfficiency]] = {}
+  for row in rows:
+    if row.efficiency is not None and row.efficiency.bound_tokens_per_s is not None:
+      grouped.setdefault((row.system, row.clients), []).append(row.efficiency)
+  out = {}
+  for key, group in grouped.items():
+    entry: dict[str, Any] = {"passes": len(group)}
+    for name in ("efficiency", "verify_efficiency", "compute_efficiency", "bound_tokens_per_s",
+                 "measured_tokens_per_s"):
+      values = [getattr(e, name) for e in group if getattr(e, name) is not None]
+      entry[name] = float(np.mean(values)) if values else None
+    out[key] = entry
+  return out
 
 
 def goodput_ratios(rows: Sequence[GoodputRow]) -> list[dict[str, Any]]:
-  """Per client count: slo+controller's goodput over static's and over server-only's."""
-  by = {(r.system, r.clients): r for r in rows}
+  """Per client count: slo+controller's goodput over static's and over server-only's, paired by
+  pass (`paired_ratio`)."""
+  points = point_goodputs(rows)
   ratios = []
   for clients in sorted({r.clients for r in rows}):
     entry: dict[str, Any] = {"clients": clients}
-    slo = by.get((SPECEDGE_SLO, clients))
+    slo = points.get((SPECEDGE_SLO, clients))
     for other, key in ((SPECEDGE_STATIC, "slo_vs_static"), (SERVER_ONLY_AR, "slo_vs_ar")):
-      row = by.get((other, clients))
-      entry[key] = goodput_ratio(None if slo is None else slo.goodput_requests_per_s,
-                                 None if row is None else row.goodput_requests_per_s)
+      point = points.get((other, clients))
+      if slo is None or point is None:
+        entry[key], entry[f"{key}_interval"], entry[f"{key}_per_run"] = None, None, []
+        continue
+      passes = min(len(slo.per_run), len(point.per_run))
+      estimate = paired_ratio(slo.per_run[:passes], point.per_run[:passes])
+      entry[key] = estimate.value
+      entry[f"{key}_interval"] = None if estimate.interval is None else list(estimate.interval)
+      entry[f"{key}_per_run"] = list(estimate.per_run)
     ratios.append(entry)
   return ratios
 
@@ -734,22 +882,43 @@ def summarize(records: Sequence[RunRecord], itl_slo_ms: int, curve: VerifyCurve 
   rows = [summarize_run(record, itl_slo_ms, curve,
                         ar_outputs.get(record.run.clients) if greedy else None)
           for record in records if record.run.system != PILOT]
+  points = point_goodputs(rows)
   capacity_by_system = {
-      system: capacity({r.clients: r.attainment for r in rows if r.system == system},
+      system: capacity({c: p.attainment for (s, c), p in points.items() if s == system},
                        options.attainment_target)
-      for system in ALL_SYSTEMS if any(r.system == system for r in rows)}
+      for system in ALL_SYSTEMS if any(s == system for s, _ in points)}
   ratios = goodput_ratios(rows)
-  slo_eff = [r.efficiency.efficiency for r in rows if r.system == SPECEDGE_SLO and
-             r.efficiency is not None and r.efficiency.efficiency is not None]
+  efficiencies = point_efficiencies(rows)
+  slo_eff = [e["efficiency"] for (s, _), e in efficiencies.items()
+             if s == SPECEDGE_SLO and e["efficiency"] is not None]
+
+  def met_at(key: str, goal: float, side: str = "value") -> list[int]:
+    """Client counts where the estimate (side "value"), or the whole interval ("held": its low
+    end; "missed": its high end below the goal), is at or above the goal."""
+    if side == "value":
+      return [r["clients"] for r in ratios if (r[key] or 0) >= goal]
+    pick = {"held": lambda iv: iv[0] >= goal, "missed": lambda iv: iv[1] < goal}[side]
+    return [r["clients"] for r in ratios if r[f"{key}_interval"] and pick(r[f"{key}_interval"])]
+
   goals = {
       "slo_vs_static_goal": GOAL_VS_STATIC, "slo_vs_ar_goal": GOAL_VS_AR,
       "efficiency_goal": GOAL_EFFICIENCY,
-      "slo_vs_static_met_at": [r["clients"] for r in ratios
-                               if (r["slo_vs_static"] or 0) >= GOAL_VS_STATIC],
-      "slo_vs_ar_met_at": [r["clients"] for r in ratios if (r["slo_vs_ar"] or 0) >= GOAL_VS_AR],
-      "slo_efficiency_met_at": [r.clients for r in rows if r.system == SPECEDGE_SLO and
-                                r.efficiency is not None and
-                                (r.efficiency.efficiency or 0) >= GOAL_EFFICIENCY],
+      "slo_vs_static_met_at": met_at("slo_vs_static", GOAL_VS_STATIC),
+      "slo_vs_ar_met_at": met_at("slo_vs_ar", GOAL_VS_AR),
+      # With repeats: where the 95 % interval lies wholly at/above the goal, or wholly below.
+      "slo_vs_static_held_at": met_at("slo_vs_static", GOAL_VS_STATIC, "held"),
+      "slo_vs_static_missed_at": met_at("slo_vs_static", GOAL_VS_STATIC, "missed"),
+      "slo_vs_ar_held_at": met_at("slo_vs_ar", GOAL_VS_AR, "held"),
+      "slo_vs_ar_missed_at": met_at("slo_vs_ar", GOAL_VS_AR, "missed"),
+      "slo_efficiency_met_at": sorted(c for (s, c), e in efficiencies.items()
+                                      if s == SPECEDGE_SLO and
+                                      (e["efficiency"] or 0) >= GOAL_EFFICIENCY),
+      "slo_verify_efficiency_met_at": sorted(
+          c for (s, c), e in efficiencies.items()
+          if s == SPECEDGE_SLO and (e["verify_efficiency"] or 0) >= GOAL_EFFICIENCY),
+      "slo_compute_efficiency_met_at": sorted(
+          c for (s, c), e in efficiencies.items()
+          if s == SPECEDGE_SLO and (e["compute_efficiency"] or 0) >= GOAL_EFFICIENCY),
       "slo_efficiency_range": [min(slo_eff), max(slo_eff)] if slo_eff else None,
   }
   os.makedirs(options.out_dir, exist_ok=True)
@@ -762,8 +931,13 @@ def summarize(records: Sequence[RunRecord], itl_slo_ms: int, curve: VerifyCurve 
           "prefix_len": curve.prefix_len, "layerwise": curve.layerwise,
           "points": [list(p) for p in curve.points]},
       "capacity": capacity_by_system, "ratios": ratios, "goals": goals,
+      "points": [{**{k: v for k, v in dataclasses.asdict(p).items()}, "goodput": p.goodput,
+                  "attainment": p.attainment, "interval": p.interval(),
+                  "efficiency": efficiencies.get(key)}
+                 for key, p in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0]))],
       "rows": [r.to_dict() for r in rows],
       "runs": [{"name": rec.run.name, "system": rec.run.system, "clients": rec.run.clients,
+                "repeat": rec.run.repeat,
                 "command": shlex.join(rec.command),
                 "overrides": {k: list(v) if isinstance(v, tuple) else v
                               for k, v in rec.run.overrides.items()},
@@ -777,7 +951,7 @@ def summarize(records: Sequence[RunRecord], itl_slo_ms: int, curve: VerifyCurve 
     json.dump(_json_safe(report), f, indent=2)
   written = [path, *write_plots(rows, itl_slo_ms, options)]
   return GoodputResult(itl_slo_ms, rows, capacity_by_system, ratios, goals, written, report,
-                       options)
+                       options, points)
 
 
 def resummarize(out_dir: str) -> GoodputResult:
@@ -793,7 +967,7 @@ def resummarize(out_dir: str) -> GoodputResult:
     records = [RunRecord(
         run=PlannedRun(r["name"], r["system"], int(r["clients"]),
                        ServingConfig.from_mapping(r["config"]), r["overrides"],
-                       tuple(r["drafter_rtts_ms"])),
+                       tuple(r["drafter_rtts_ms"]), int(r.get("repeat", 0))),
         event_files=tuple(os.path.join(out_dir, p) for p in r["event_files"]),
         command=tuple(shlex.split(r["command"])), gate=r.get("start_gate"))
         for r in report["runs"]]
@@ -841,16 +1015,32 @@ def write_plots(rows: Sequence[GoodputRow], itl_slo_ms: int,
 
   lines = _by_system(rows)
   clients = sorted({r.clients for r in rows})
+  points = point_goodputs(rows)
   written = []
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-  for system, series in lines.items():
-    x = [r.clients for r in series]
-    axes[0].plot(x, [r.goodput_requests_per_s or 0.0 for r in series], marker="o",
-                 label=SYSTEM_LABELS[system])
-    axes[1].plot(x, [r.summary.requests.goodput_tokens_per_s or 0.0 for r in series],
+  for system in lines:
+    series = sorted((p for (s, _), p in points.items() if s == system), key=lambda p: p.clients)
+    x = [p.clients for p in series]
+    intervals = [p.interval() for p in series]
+    mean = [float(np.mean(p.per_run)) for p in series]
+    errors = None
+    if options.repeats > 1 and all(iv is not None for iv in intervals):
+      errors = np.array([[m - iv[0], iv[1] - m] for m, iv in zip(mean, intervals)]).T
+    (line,) = axes[0].plot(x, [p.goodput or 0.0 for p in series], marker="o",
+                           label=SYSTEM_LABELS[system])
+    if errors is not None:  # the pass mean's 95 % interval, and each pass as a dot
+      axes[0].errorbar(x, mean, yerr=errors, fmt="none", ecolor=line.get_color(), capsize=3)
+      for p in series:
+        axes[0].scatter([p.clients] * len(p.per_run), p.per_run, s=8, alpha=0.5,
+                        color=line.get_color())
+    by_clients: dict[int, list[float]] = {}
+    for r in lines[system]:
+      by_clients.setdefault(r.clients, []).append(r.summary.requests.goodput_tokens_per_s or 0.0)
+    axes[1].plot(sorted(by_clients), [float(np.mean(by_clients[c])) for c in sorted(by_clients)],
                  marker="o", label=SYSTEM_LABELS[system])
   axes[0].set_ylabel("requests meeting the SLO / s")
-  axes[1].set_ylabel("tokens of those requests / s")
+  axes[1].set_ylabel("tokens of those requests / s" +
+                     (f" (mean of {options.repeats} passes)" if options.repeats > 1 else ""))
   for ax in axes:
     ax.set_xlabel("concurrent clients (K requests each)")
     ax.set_xticks(clients)
@@ -860,8 +1050,9 @@ def write_plots(rows: Sequence[GoodputRow], itl_slo_ms: int,
   written.append(save(fig, "goodput_vs_clients.png"))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for system, series in lines.items():
-    ax.plot([r.clients for r in series], [100.0 * (r.attainment or 0.0) for r in series],
+  for system in lines:
+    series = sorted((p for (s, _), p in points.items() if s == system), key=lambda p: p.clients)
+    ax.plot([p.clients for p in series], [100.0 * (p.attainment or 0.0) for p in series],
             marker="o", label=SYSTEM_LABELS[system])
   ax.axhline(100.0 * options.attainment_target, color="gray", linestyle="--",
              label=f"{options.attainment_target:.0%} (capacity)")
@@ -874,13 +1065,13 @@ def write_plots(rows: Sequence[GoodputRow], itl_slo_ms: int,
   written.append(save(fig, "attainment_vs_clients.png"))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  efficiencies = point_efficiencies(rows)  # passes meaned
   for system in SPECEDGE_SYSTEMS:
-    points = [(r.clients, r.efficiency.measured_tokens_per_s or 0.0,
-               r.efficiency.bound_tokens_per_s) for r in lines.get(system, [])
-              if r.efficiency is not None and r.efficiency.bound_tokens_per_s is not None]
-    if not points:
+    series = sorted((c, e["measured_tokens_per_s"] or 0.0, e["bound_tokens_per_s"])
+                    for (s, c), e in efficiencies.items() if s == system)
+    if not series:
       continue
-    counts, measured, bound = zip(*points)
+    counts, measured, bound = zip(*series)
     (line,) = ax.plot(counts, measured, marker="o", label=f"{SYSTEM_LABELS[system]}: measured")
     ax.plot(counts, bound, marker="x", linestyle="--", color=line.get_color(),
             label=f"{SYSTEM_LABELS[system]}: bound")
@@ -911,6 +1102,11 @@ def write_plots(rows: Sequence[GoodputRow], itl_slo_ms: int,
   return written
 
 
+def _point_label(row: GoodputRow, passes: int) -> str:
+  """The clients column: the count, and the pass when points repeat."""
+  return str(row.clients) + (f" r{row.repeat}" if passes > 1 else "")
+
+
 def _fmt(value, scale: float = 1.0, digits: int = 1, suffix: str = "") -> str:
   return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
 
@@ -922,10 +1118,12 @@ def goodput_table(result: GoodputResult) -> Table:
                  "goodput tok/s", "tok/s wall", "tok/s server compute", "ITL mean / p99 ms",
                  "TTFT mean ms", "open requests", "start spread s", "= AR tokens"):
     table.add_column(column, justify="left" if column == "system" else "right")
-  for row in sorted(result.rows, key=lambda r: (r.clients, ALL_SYSTEMS.index(r.system))):
+  for row in sorted(result.rows, key=lambda r: (r.clients, r.repeat,
+                                                ALL_SYSTEMS.index(r.system))):
     s, m = row.summary, row.summary.requests
     table.add_row(
-        SYSTEM_LABELS[row.system], str(row.clients), str(m.n_requests), str(m.slo_met_requests),
+        SYSTEM_LABELS[row.system], _point_label(row, result.options.repeats), str(m.n_requests),
+        str(m.slo_met_requests),
         _fmt(m.slo_attainment, 100, 0, " %"), _fmt(row.goodput_requests_per_s, digits=2),
         _fmt(m.goodput_tokens_per_s), _fmt(s.throughput_per_wall_s),
         _fmt(s.throughput_per_compute_s),
@@ -943,20 +1141,33 @@ def capacity_table(result: GoodputResult, options: GoodputOptions) -> Table:
   for c in clients:
     table.add_column(f"c={c}", justify="right")
   table.add_column("capacity", justify="right")
+  passes = result.options.repeats
   for system in ALL_SYSTEMS:
     if system not in result.capacity:
       continue
-    rows = {r.clients: r for r in result.rows if r.system == system}
+    points = {c: p for (s, c), p in result.points.items() if s == system}
     cap = result.capacity[system]
     table.add_row(f"{SYSTEM_LABELS[system]} attainment",
-                  *[_fmt(rows[c].attainment if c in rows else None, 100, 0, " %")
+                  *[_fmt(points[c].attainment if c in points else None, 100, 0, " %")
                     for c in clients],
                   f"< {min(clients)}" if cap is None else str(cap))
+    if passes > 1:
+      table.add_row(f"{SYSTEM_LABELS[system]} goodput req/s (pooled; 95 % of the pass mean)",
+                    *[_with_interval(points[c].goodput, points[c].interval()) if c in points
+                      else "-" for c in clients], "")
   for key, goal, label in (("slo_vs_static", GOAL_VS_STATIC, "slo+controller / static"),
                            ("slo_vs_ar", GOAL_VS_AR, "slo+controller / server-only AR")):
-    table.add_row(f"{label} goodput (goal >= {goal:g}x)",
-                  *[_fmt(r[key], digits=2, suffix="x") for r in result.ratios], "")
+    table.add_row(f"{label} goodput (goal >= {goal:g}x)" +
+                  (f"; geo. mean of {passes} passes, 95 %" if passes > 1 else ""),
+                  *[_with_interval(r[key], r[f"{key}_interval"], "x") for r in result.ratios],
+                  "")
   return table
+
+
+def _with_interval(value: float | None, interval: Sequence[float] | None,
+                   suffix: str = "") -> str:
+  text = _fmt(value, digits=2, suffix=suffix)
+  return text if not interval else f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 def efficiency_table(result: GoodputResult) -> Table:
@@ -964,22 +1175,25 @@ def efficiency_table(result: GoodputResult) -> Table:
                 "t_verify(B, T); goal with the controller: >= 90 %)")
   for column in ("system", "clients", "mean B", "mean T", "tok/step", "curve ms",
                  "measured ms", "bound tok/s", "tok/s compute", "efficiency",
-                 "verify-only tok/s", "verify-only eff.", "prefill share", "tree sent",
+                 "verify-only tok/s", "verify-only eff.", "eff. w/ prefill", "prefill share",
+                 "tree sent",
                  "advised budget / depth", "cut nodes"):
     table.add_column(column, justify="left" if column == "system" else "right")
-  for row in sorted(result.rows, key=lambda r: (ALL_SYSTEMS.index(r.system), r.clients)):
+  for row in sorted(result.rows, key=lambda r: (ALL_SYSTEMS.index(r.system), r.clients,
+                                                r.repeat)):
     e = row.efficiency
     if e is None:
       continue
     c = row.controller
     table.add_row(
-        SYSTEM_LABELS[row.system], str(row.clients), _fmt(e.mean_batch, digits=2),
+        SYSTEM_LABELS[row.system], _point_label(row, result.options.repeats),
+        _fmt(e.mean_batch, digits=2),
         _fmt(e.mean_tree_tokens, digits=2), _fmt(e.tokens_per_step, digits=2),
         _fmt(e.curve_ms, digits=2) + ("*" if e.curve_clamped else ""),
         _fmt(e.mean_forward_ms, digits=2), _fmt(e.bound_tokens_per_s, digits=0),
         _fmt(e.measured_tokens_per_s, digits=0), _fmt(e.efficiency, 100, 0, " %"),
         _fmt(e.verify_tokens_per_s, digits=0), _fmt(e.verify_efficiency, 100, 0, " %"),
-        _fmt(e.prefill_share, 100, 0, " %"), _fmt(c.get("mean_tree_sent"), digits=2),
+        _fmt(e.compute_efficiency, 100, 0, " %"), _fmt(e.prefill_share, 100, 0, " %"), _fmt(c.get("mean_tree_sent"), digits=2),
         "-" if c.get("mean_advised_budget") is None else
         f"{c['mean_advised_budget']:.1f} / {c['mean_advised_depth']:.1f}",
         str(row.truncated_nodes) if row.system != SERVER_ONLY_AR else "-")
@@ -992,12 +1206,13 @@ def breakdown_table(result: GoodputResult) -> Table:
   for column in ("system", "clients", "tok/round", "draft", "network", "server queue",
                  "server forward", "edge other", "ITL mean", "largest"):
     table.add_column(column, justify="left" if column == "system" else "right")
-  for row in sorted(result.rows, key=lambda r: (ALL_SYSTEMS.index(r.system), r.clients)):
+  for row in sorted(result.rows, key=lambda r: (ALL_SYSTEMS.index(r.system), r.clients,
+                                                r.repeat)):
     b = row.breakdown
     if b is None:
       continue
-    table.add_row(SYSTEM_LABELS[row.system], str(row.clients), _fmt(b.tokens_per_round,
-                                                                     digits=2),
+    table.add_row(SYSTEM_LABELS[row.system], _point_label(row, result.options.repeats),
+                  _fmt(b.tokens_per_round, digits=2),
                   *[_fmt(getattr(b, t), digits=2) for t in ItlBreakdown.TERMS],
                   _fmt(b.itl_ms, digits=2), b.largest)
   return table
@@ -1187,7 +1402,8 @@ def execute(run: PlannedRun, options: GoodputOptions) -> RunRecord:
   # run_local draws its own bars; rich allows one live display, so they go to a file.
   with open(os.path.join(run_dir, "progress.log"), "w") as progress_log:
     local_options = local.LocalOptions(
-        out_dir=run_dir, verifier_cpus=options.verifier_cpus, drafter_cpus=options.drafter_cpus,
+        out_dir=run_dir, verifier_cpus=options.verifier_cpus,
+        verifier_io_cpus=options.verifier_io_cpus, drafter_cpus=options.drafter_cpus,
         compilation_cache_dir=options.compilation_cache_dir, run_timeout_s=options.run_timeout_s,
         run_id=run.name, netns=_netns_config(run, options))
     console = Console(file=progress_log, width=120)
@@ -1277,7 +1493,8 @@ def _run_goodput(base: ServingConfig, options: GoodputOptions,
   columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
              TextColumn("runs"), TimeElapsedColumn())
   with Progress(*columns, console=console) as progress:
-    total = (len(options.clients) * len(options.systems)) + (1 if itl_slo_ms is None else 0)
+    total = (len(options.clients) * len(options.systems) * options.repeats +
+             (1 if itl_slo_ms is None else 0))
     task = progress.add_task("goodput", total=total)
     if itl_slo_ms is None:
       run = pilot_run(base, options, use_netns)

@@ -7,6 +7,8 @@
   engine_worker.py  the engine thread: sole caller of the target engine, the batching policy,
                     the prefill snapshot LRU.
   owner_thread.py   how a result computed on an owner thread reaches the event loop.
+  io_threads.py     the verifier's network threads (gRPC's, its event loop) moved off the cores
+                    XLA computes on (`launch.verifier --io_cpus`).
   drafter.py        the edge client: one draft engine, K interleaved requests, proactive drafting.
   baselines.py      server-only baselines (target-only autoregressive, server-side SpecExec).
   serving_config.py the frozen serving config read from `configs/*.py`.

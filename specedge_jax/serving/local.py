@@ -71,6 +71,9 @@ VERIFIER_HOST = "127.0.0.1"  # the server certificate names it (IP SAN); the dra
 class LocalOptions:
   out_dir: str
   verifier_cpus: tuple[int, ...] = ()  # () = no pinning
+  # The verifier's network threads on these cores once it serves (launch.verifier --io_cpus;
+  # serving/io_threads.py), its compute staying on verifier_cpus; () = no move.
+  verifier_io_cpus: tuple[int, ...] = ()
   drafter_cpus: tuple[int, ...] = ()
   baselines: tuple[str, ...] = ()  # server-only runs after the SpecEdge run
   # The run_id every SpecEdge event carries (a sweep names each of its runs; see metrics.py).
@@ -251,7 +254,9 @@ def child_argvs(options: LocalOptions, num_drafters: int, *, config_path: str, p
   host = topology.server_address if topology is not None else VERIFIER_HOST
   server_prefix = topology.server_prefix if topology is not None else []
   argvs = {"verifier": server_prefix + processes.python_module_argv(
-      "launch.verifier", *_common_flags(config_path, options.verifier_cpus), f"--host={host}",
+      "launch.verifier", *_common_flags(config_path, options.verifier_cpus),
+      *([f"--io_cpus={','.join(str(c) for c in options.verifier_io_cpus)}"]
+        if options.verifier_io_cpus else []), f"--host={host}",
       f"--port={port}", f"--port_file={files.port_file}",
       f"--event_log={files.events('verifier')}", f"--run_id={options.run_id}",
       *server_security)}

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import grpc
@@ -25,6 +26,7 @@ from specedge_jax.data import tokenizer_fingerprint as fingerprint_lib
 from specedge_jax.data.tokenizers import has_tokenizer
 from specedge_jax.serving import baselines
 from specedge_jax.serving import health_wait
+from specedge_jax.serving import io_threads
 from specedge_jax.serving import prefill_store
 from specedge_jax.serving import slo_admission
 from specedge_jax.serving import security as security_lib
@@ -140,14 +142,19 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                          security: security_lib.ServerSecurity | None = None,
                          metrics_port: int | None = None, metrics_host: str = "127.0.0.1",
                          on_metrics_ready: Callable[[int], None] | None = None,
-                         stop: asyncio.Event | None = None) -> None:
+                         stop: asyncio.Event | None = None,
+                         io_cpus: Sequence[int] = ()) -> None:
   """Loads the target, serves until SIGINT/SIGTERM (or `stop` is set), then shuts down
   gracefully.
+
+  `io_cpus` moves the network threads (gRPC's, the asyncio loop's) to those cores once serving,
+  keeping XLA's compute on the cores the process was started on (`io_threads.py`).
 
   `security` None serves plaintext without authentication (the old behaviour); the launcher
   always passes one. `metrics_port` (0: any free port) serves Prometheus metrics over HTTP."""
   if security is not None:
     security_lib.server_credentials(security)  # a refused config fails before the model loads
+  placer = io_threads.IoThreadPlacer(io_cpus) if io_cpus else None  # refused before loading too
   engine = build_target_engine(config, decode=False)  # a verifier only verifies
   tokenizer, fingerprint = None, None
   if has_tokenizer(config.models.tokenizer_dir):
@@ -215,10 +222,14 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
     _log.info("verifier metrics at http://%s:%d/metrics", metrics_host, metrics_bound)
     if on_metrics_ready is not None:
       on_metrics_ready(metrics_bound)
+  if placer is not None:
+    placer.start()  # serving: gRPC's threads exist, the engine thread runs on the compute cores
   if on_ready is not None:
     on_ready(bound)
   stop = stop or _stop_on_signals()
   await stop.wait()
+  if placer is not None:
+    placer.stop()
   _log.info("verifier draining: no new sessions, up to %.1f s for the open ones",
             config.server.drain_s)
   left = await server.drain(config.server.drain_s)

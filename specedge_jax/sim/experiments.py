@@ -315,7 +315,10 @@ def bench_gpu_costs(path: str, *, edge_gpu: str = "RTX 4090", draft: str = "Qwen
                     f"edges a roofline model ({draft} on {edge_gpu})")
 
 
-SYSTEMS = ("specedge_static", "specedge_dynamic", "specedge_slo", "server_only_ar")
+# specedge_slo: the slo batching mode with the speculation controller; specedge_slo_admission:
+# the same plus SLO-aware admission (`server.slo_admission`), as bench_goodput's specedge_slo.
+SYSTEMS = ("specedge_static", "specedge_dynamic", "specedge_slo", "specedge_slo_admission",
+           "server_only_ar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +362,8 @@ def run_system(system: str, num_edges: int, deployment: Deployment, options: Sca
     run = simulator.run_server_only(spec, deployment.costs, requests, seed=options.seed,
                                     run_id=system)
     return simulator.summarize(run, slo)
-  mode = system.rsplit("_", 1)[-1]
+  admission = system == "specedge_slo_admission"
+  mode = "slo" if admission else system.rsplit("_", 1)[-1]
   batching = BatchingConfig(mode=mode, max_wait_ms=0.0, static_timeout_s=5.0,
                             default_itl_slo_ms=options.itl_slo_ms, max_queue_ms=100.0,
                             slo_margin_ms=1.0)
@@ -369,7 +373,8 @@ def run_system(system: str, num_edges: int, deployment: Deployment, options: Sca
       tree=path_model.family.caps, batching=batching, max_batch_size=deployment.max_batch_size,
       rtt=rtt, num_slots=deployment.num_slots, controller=controller,
       itl_slo_ms=options.itl_slo_ms, shared_server_core=deployment.shared_server_core,
-      edge_start_s=tuple(rng.uniform(0.0, options.start_spread_s, num_edges)))
+      edge_start_s=tuple(rng.uniform(0.0, options.start_spread_s, num_edges)),
+      slo_admission=admission)
   run = simulator.run_specedge(spec, deployment.costs, requests, path_model, seed=options.seed,
                                run_id=system)
   return simulator.summarize(run, slo)

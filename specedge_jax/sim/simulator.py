@@ -33,6 +33,11 @@ that many processes per core); with `shared_server_core`, the engine thread's fo
 prefills share one core with the servicer's request CPU. Elsewhere each edge has its own
 accelerator and CPU, and the server's host CPU runs beside its accelerator.
 
+SLO-aware admission (`slo_admission`): the real `serving/slo_admission.SloAdmission`, fed as the
+servicer feeds it (each answer's ITL and queue time, the sessions held, whether opens wait), caps
+the sessions held below the slots; opens past the cap wait in the same FIFO as opens past the
+slots (`Servicer._free_slots`).
+
 Not modelled: proactive drafting, the speculative first round, faults and retries, the admission
 queue's bound and retry-after (opens beyond the slots wait FIFO, unbounded).
 """
@@ -51,6 +56,7 @@ import numpy as np
 from specedge_jax.api import TreeLimits, TreeParams
 from specedge_jax.measure import metrics
 from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving.slo_admission import SloAdmission
 from specedge_jax.serving.speculation_controller import (
   ControllerConfig,
   RoundObservation,
@@ -130,7 +136,9 @@ class SpecEdgeSpec:
     sessions (0: one for every request in flight); opens beyond wait first come first served.
   controller: the real speculation controller advises each session's next tree (None: the
     configured tree every round), fed as the servicer feeds it (`Servicer._advise`).
-  itl_slo_ms: the SLO every session asks for ('slo' batching; 0: the server's default)."""
+  itl_slo_ms: the SLO every session asks for ('slo' batching; 0: the server's default).
+  slo_admission: hold only as many sessions as the real `SloAdmission` allows (needs
+    itl_slo_ms > 0), as `server.slo_admission`."""
 
   num_edges: int
   requests_per_edge: int
@@ -153,12 +161,15 @@ class SpecEdgeSpec:
   # The 'slo' estimator's seed (`VerifyTimeEstimator` coefficients, ms); None: fitted to the
   # verify cost curve at the start, as a verifier seeded from its bench_core curve would be.
   estimator_prior_ms: tuple[float, ...] | None = None
+  slo_admission: bool = False
 
   def __post_init__(self):
     if self.num_edges < 1 or self.requests_per_edge < 1 or self.max_batch_size < 1:
       raise ValueError("num_edges, requests_per_edge and max_batch_size must be >= 1")
     if self.shared_edge_cores < 0 or self.num_slots < 0:
       raise ValueError("shared_edge_cores and num_slots must be >= 0")
+    if self.slo_admission and not self.itl_slo_ms > 0:
+      raise ValueError("slo_admission needs an itl_slo_ms > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,8 +378,11 @@ class _SpecEdgeRun:
     self.queues = [collections.deque(requests[i::spec.num_edges]) for i in range(spec.num_edges)]
     in_flight = spec.num_edges * spec.requests_per_edge
     self.free_slots = collections.deque(range(spec.num_slots or in_flight))
+    self.total_slots = len(self.free_slots)
     self.slots_available = len(self.free_slots)  # less the opens admitted and not yet run
     self.admission: collections.deque[_Open] = collections.deque()
+    self.slo_admission = (SloAdmission(self.total_slots) if spec.slo_admission else None)
+    self.capacity_trace: list[tuple[float, int]] = []  # (time, SLO admission's capacity)
     self.sessions: dict[int, _Session] = {}
     # The engine thread's state (`EngineWorker`).
     self.inbox: collections.deque = collections.deque()
@@ -501,14 +515,28 @@ class _SpecEdgeRun:
     else:
       self._admit(job)
 
+  def _may_open(self) -> bool:
+    """A slot is free and SLO admission, if on, holds fewer sessions (open or opening) than its
+    capacity (`Servicer._free_slots`)."""
+    if not self.slots_available:
+      return False
+    if self.slo_admission is None:
+      return True
+    return self.total_slots - self.slots_available < self.slo_admission.capacity
+
   def _admit(self, job) -> None:
     job.enqueued_at = self.loop.now
     if isinstance(job, _Open):
-      if not self.slots_available:
+      if self.admission or not self._may_open():  # FIFO: nobody passes a waiting open
         self.admission.append(job)
         return
       self.slots_available -= 1
     self._to_inbox(job)
+
+  def _wake_admission(self) -> None:
+    while self.admission and self._may_open():
+      self.slots_available -= 1
+      self._to_inbox(self.admission.popleft())
 
   def _to_inbox(self, job) -> None:
     job.enqueued_at = self.loop.now
@@ -586,6 +614,9 @@ class _SpecEdgeRun:
       if self.slo is not None:
         self.slo.open(slot, context_len=job.request.prompt_tokens,
                       itl_slo_ms=self.spec.itl_slo_ms, now=self.loop.now)
+      if self.slo_admission is not None:
+        self.slo_admission.opened(str(slot), itl_slo_s=self.spec.itl_slo_ms / 1000.0,
+                                  now=self.loop.now)
     self.emit("server_batch", t_start=started, t_end=self.loop.now, op="prefill", batch_size=1,
               tokens=job.request.prompt_tokens, forward_time_s=duration,
               queue_time_s=started - job.enqueued_at, request_ids=[job.request.request_id])
@@ -600,12 +631,12 @@ class _SpecEdgeRun:
       self.slo.close(job.slot)
     if self.controller is not None:
       self.controller.forget(str(job.slot))
+    if self.slo_admission is not None:
+      self.slo_admission.forget(str(job.slot))
     self.free_slots.append(job.slot)
     self.slots_available += 1
     job.reply(None)
-    if self.admission:
-      self.slots_available -= 1
-      self._to_inbox(self.admission.popleft())
+    self._wake_admission()
 
   def _take(self) -> tuple[list[_Verify], list[int]]:
     """The next batch and how many nodes of each tree it keeps."""
@@ -664,6 +695,11 @@ class _SpecEdgeRun:
         bonus = full_path[len(accepted_nodes)] if len(full_path) > len(accepted_nodes) else -1
         self.slo.after_batch(job.slot, tokens=job.tree.tokens, parents=job.tree.parents,
                              kept=kept, accepted=accepted_nodes, bonus=bonus, ended=ended)
+      if self.slo_admission is not None and self.slo_admission.answered(
+          str(job.slot), emitted=emitted, now=ended + position * self.costs.reply_serial_s,
+          held=len(self.sessions), waiting=bool(self.admission), queue_s=started - job.enqueued_at):
+        self.capacity_trace.append((ended, self.slo_admission.capacity))
+        self._wake_admission()  # a raised capacity lets waiting opens in
       job.reply(VerifyReply(emitted=emitted, accepted=len(accepted_nodes), finished=finished,
                             queue_s=started - job.enqueued_at, forward_s=duration,
                             batch_size=len(batch), kept_nodes=kept, limits=limits),
@@ -727,7 +763,8 @@ def run_specedge(spec: SpecEdgeSpec, costs: CostModel, requests: Sequence[Reques
                        f"{len(run.pending)} verifies pending, {len(run.sessions)} sessions open")
   return SimRun(run_id=run_id, system="specedge", events=run.events,
                 events_run=run.loop.events_run, truncated_nodes=run.truncated_nodes,
-                num_edges=spec.num_edges, clients=spec.num_edges * spec.requests_per_edge)
+                num_edges=spec.num_edges, clients=spec.num_edges * spec.requests_per_edge,
+                admission_capacity=tuple(run.capacity_trace))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -852,6 +889,8 @@ class SimRun:
   truncated_nodes: int
   num_edges: int
   clients: int  # concurrent requests: edges x K, or server-only users
+  # SLO admission's capacity after each change, (time, sessions held at most); () without it.
+  admission_capacity: tuple[tuple[float, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ command lines), and, slow, one tiny grid end to end on a tiny pair."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from specedge_jax.bench import goodput
@@ -239,6 +241,8 @@ def test_command_lines_reproduce_the_configs(tmp_path):
   assert argv[:4] == ["python", "-m", "launch.local", "--out_dir=/out/slo"]
   assert "--netns" in argv and "--netns_rtts=5,14,40,5" in argv
   assert "--verifier_cpus=0" in argv and "--drafter_cpus=1" in argv
+  # The verifier's network threads share the drafters' core, off XLA's (serving/io_threads.py).
+  assert "--verifier_io_cpus=1" in argv
   flags = dict(goodput.parse_config_flag(a) for a in argv if a.startswith("--config."))
   assert flags == {k: (tuple(v) if isinstance(v, tuple) else v)
                    for k, v in slo.overrides.items()}
@@ -330,3 +334,57 @@ def test_tiny_grid_end_to_end(served_pair_dirs, compilation_cache, tmp_path):
   # The folder summarizes again from its logs alone.
   again = goodput.resummarize(str(out_dir))
   assert [r.run for r in again.rows] == [r["run"] for r in report["rows"]]
+
+
+# -- repeats and intervals -----------------------------------------------------------------------
+
+
+def test_repeats_plan_whole_passes_in_order(tmp_path):
+  base = embedded_config()
+  options = goodput.GoodputOptions(out_dir=str(tmp_path), clients=(2, 4), repeats=2,
+                                   systems=(goodput.SPECEDGE_STATIC, goodput.SPECEDGE_SLO))
+  runs = goodput.plan_runs(base, options, itl_slo_ms=30, use_netns=True)
+  # Pass after pass, so that drift over the benchmark reaches every system alike.
+  assert [r.name for r in runs] == [
+      "specedge_static/c2/r0", "specedge_slo/c2/r0", "specedge_static/c4/r0",
+      "specedge_slo/c4/r0", "specedge_static/c2/r1", "specedge_slo/c2/r1",
+      "specedge_static/c4/r1", "specedge_slo/c4/r1"]
+  assert [r.repeat for r in runs] == [0] * 4 + [1] * 4
+  assert len({r.folder for r in runs}) == len(runs)
+  # The same config in every pass.
+  assert runs[0].config == runs[4].config and runs[0].overrides == runs[4].overrides
+  with pytest.raises(ValueError, match="repeats"):
+    goodput.GoodputOptions(out_dir=str(tmp_path), repeats=0)
+
+
+def test_paired_ratio_is_the_geometric_mean_with_a_t_interval_on_logs():
+  # Per pass: 2.0 / 1.0 = 2, 3.0 / 1.0 = 3, 2.0 / 0.5 = 4.
+  estimate = goodput.paired_ratio([2.0, 3.0, 2.0], [1.0, 1.0, 0.5])
+  assert estimate.per_run == (2.0, 3.0, 4.0)
+  assert estimate.value == pytest.approx(24.0 ** (1 / 3))
+  logs = np.log([2.0, 3.0, 4.0])
+  half = 4.302652729911275 * logs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 dof)
+  assert estimate.interval == pytest.approx((np.exp(logs.mean() - half),
+                                             np.exp(logs.mean() + half)))
+  assert estimate.interval[0] < estimate.value < estimate.interval[1]
+  # One pass: its ratio, no interval.
+  assert goodput.paired_ratio([3.0], [2.0]) == goodput.RatioEstimate(1.5, None, (1.5,))
+  # A pass with nothing met leaves the logs undefined: the pooled ratio, no interval.
+  pooled = goodput.paired_ratio([0.0, 3.0], [1.0, 1.0])
+  assert pooled.value == pytest.approx(1.5) and pooled.interval is None
+  assert pooled.per_run == (0.0, 3.0)
+  # Identical passes: a zero-width interval at the value.
+  same = goodput.paired_ratio([2.0, 2.0], [1.0, 1.0])
+  assert same.value == pytest.approx(2.0) and same.interval == pytest.approx((2.0, 2.0))
+
+
+def test_a_point_pools_its_passes():
+  point = goodput.PointGoodput(system="specedge_slo", clients=8, requests=64, met=24,
+                               wall_time_s=12.0, per_run=(1.5, 2.5),
+                               attainment_per_run=(0.3, 0.45))
+  assert point.goodput == pytest.approx(2.0)  # 24 met over 12 s, not the mean of the passes
+  assert point.attainment == pytest.approx(24 / 64)
+  low, high = point.interval()
+  half = 12.706204736174698 * np.std([1.5, 2.5], ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
+  assert (low, high) == pytest.approx((2.0 - half, 2.0 + half))
+  assert dataclasses.replace(point, per_run=(2.0,)).interval() is None

@@ -51,6 +51,16 @@ def test_batch_mode_drafters_get_no_http_flags(tmp_path):
   assert "--http_port=8000" in served["drafter0"] and "--http_host=127.0.0.1" in served["drafter0"]
 
 
+def test_the_verifier_alone_gets_the_io_cores(tmp_path):
+  options = local.LocalOptions(out_dir=str(tmp_path), verifier_cpus=(0,), verifier_io_cpus=(1,),
+                               drafter_cpus=(1,))
+  argvs = _argvs(options, 2)
+  assert "--cpus=0" in argvs["verifier"] and "--io_cpus=1" in argvs["verifier"]
+  assert not any(f.startswith("--io_cpus") for f in argvs["drafter0"] + argvs["drafter1"])
+  assert not any(f.startswith("--io_cpus")
+                 for f in _argvs(local.LocalOptions(out_dir=str(tmp_path)), 1)["verifier"])
+
+
 def test_serve_options_are_checked():
   with pytest.raises(ValueError, match="no baselines"):
     local.LocalOptions(out_dir="x", serve=True, baselines=("autoregressive",))

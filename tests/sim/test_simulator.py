@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from specedge_jax.api import DraftTree, TreeParams, VerifyResult
-from specedge_jax.serving import engine_worker, slo_scheduler, speculation_controller
+from specedge_jax.serving import engine_worker, slo_admission, slo_scheduler, speculation_controller
 from specedge_jax.serving.serving_config import BatchingConfig
 from specedge_jax.serving.verify_time import BatchShape
 from specedge_jax.sim import acceptance, batching, costs, simulator
@@ -291,3 +291,30 @@ def test_a_bench_gpu_file_is_a_verify_and_decode_table(tmp_path):
   assert tables["verify"].ms(4, 16) == pytest.approx(7.5 + (12.0 - 7.5) * 3 / 7)
   assert tables["decode"].seconds(BatchShape(8, 8, 0)) == pytest.approx(0.0074)
   assert len(tables["verify"].points) == 4  # the failed point is left out
+
+
+def test_slo_admission_is_the_real_policy_and_holds_fewer_sessions_under_overload():
+  """Eight edges of two requests against a verifier whose forward grows with the batch, under an
+  SLO that half the load can meet: the real `SloAdmission` cuts the sessions held, opens past its
+  cap wait (TTFT), and the sessions it holds meet the SLO more often than when all are held."""
+  assert simulator.SloAdmission is slo_admission.SloAdmission
+  # 4 ms per lane: a full batch of 16 takes 64 ms, one of 4 lanes 16 ms.
+  per_lane = costs.TableCost(((1, 1, 4.0), (16, 1, 64.0)), source="synthetic")
+  base = constant_costs(draft_ms=2.0, commit_ms=0.5)
+  model = costs.CostModel(verify=per_lane, decode=per_lane, prefill=base.prefill, edge=base.edge)
+  common = dict(num_edges=8, requests_per_edge=2, max_batch_size=16, itl_slo_ms=20.0,
+                rtt=simulator.RttSpec(rtt_s=0.002))
+  work = requests(64, output_tokens=32)
+  slo = simulator.SloSpec(itl_s=0.020)
+  held_all = simulator.run_specedge(spec(**common), model, work, sweep_path_model())
+  admitted = simulator.run_specedge(spec(**common, slo_admission=True), model, work,
+                                    sweep_path_model())
+  capacities = [c for _, c in admitted.admission_capacity]
+  assert capacities and min(capacities) < 16  # it cut below the 16 slots
+  assert held_all.admission_capacity == ()
+  before, after = (simulator.summarize(r, slo) for r in (held_all, admitted))
+  assert after["generated_tokens"] == before["generated_tokens"] == 64 * 32  # nothing lost
+  assert after["sim"]["slo_attainment"] > before["sim"]["slo_attainment"]
+  assert after["requests"]["ttft"]["mean_s"] > before["requests"]["ttft"]["mean_s"]
+  with pytest.raises(ValueError, match="itl_slo_ms"):
+    spec(slo_admission=True)
