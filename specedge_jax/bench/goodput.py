@@ -48,7 +48,7 @@ while the verifier loads and all start within the same second. The spread of the
 requests is reported per run ("start spread"); nothing in the serving stack is changed for this.
 
 Pinning: the verifier, the baselines and the verify curve on `verifier_cpus`, the SpecEdge
-verifier's network threads on `verifier_io_cpus` (default the drafters' core), the drafters on
+verifier's network threads on `verifier_io_cpus` (default: beside its compute), the drafters on
 `drafter_cpus`, and so is the namespaces' user-space link relay (`LinkRelayPinner`; a child of
 this process, serving/netns.py), so it shares the edges' core rather than the server's.
 
@@ -158,9 +158,11 @@ class GoodputOptions:
   attainment_target: float = 0.9
   verifier_cpus: tuple[int, ...] = (0,)
   # The SpecEdge verifier's network threads (gRPC, TLS, its asyncio loop) move here once it
-  # serves (serving/io_threads.py), as a GPU server's would run on host cores beside its device:
-  # with them on the verifier's one core, the forward stretched up to 50 % over the curve.
-  verifier_io_cpus: tuple[int, ...] = (1,)
+  # serves (serving/io_threads.py), as a GPU server's would run on host cores beside its device.
+  # Off by default: on this 2-core box the only other core is the drafters', and there the
+  # threads cost the rounds more network time than they save the forward (none measured;
+  # WORKSPACE_NOTES.md, "The verifier's network threads and the shared memory system").
+  verifier_io_cpus: tuple[int, ...] = ()
   drafter_cpus: tuple[int, ...] = (1,)
   systems: tuple[str, ...] = SYSTEMS
   verify_curve: str = ""  # a bench_core JSON; '': measure it in this run

@@ -198,7 +198,8 @@ async def serve_verifier(config: ServingConfig, *, host: str = "127.0.0.1", port
                               config.tree, speculation_controller.ControllerConfig(
                                   reach_threshold=config.server.control_reach_threshold))
                           if config.server.speculation_control else None,
-                          slo_admission=slo_admission.SloAdmission(config.server.num_slots)
+                          slo_admission=slo_admission.for_server(
+                              config.server.num_slots, config.server.max_batch_size)
                           if config.server.slo_admission else None)
   if precomputed is not None and server.prefill_cache is not None:
     precomputed.seed(server.prefill_cache)  # opens of these prompts take the cache's hit path

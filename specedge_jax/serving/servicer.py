@@ -815,6 +815,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
           session.session_id, emitted=len(result.emitted), now=time.monotonic(),
           held=len(self.sessions), waiting=bool(self._admission),
           queue_s=outcome.queue_time_s):
+        _log.info("SLO admission: hold at most %d sessions (%d held, %d waiting)",
+                  self._slo_admission.capacity, len(self.sessions), len(self._admission))
         self._wake_admission()  # a raised capacity lets queued opens in
       if self._controller is not None and not result.finished:
         advice = self._advise(session, len(result.accepted),

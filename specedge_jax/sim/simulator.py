@@ -56,7 +56,7 @@ import numpy as np
 from specedge_jax.api import TreeLimits, TreeParams
 from specedge_jax.measure import metrics
 from specedge_jax.serving.serving_config import BatchingConfig
-from specedge_jax.serving.slo_admission import SloAdmission
+from specedge_jax.serving import slo_admission as slo_admission_lib
 from specedge_jax.serving.speculation_controller import (
   ControllerConfig,
   RoundObservation,
@@ -381,7 +381,8 @@ class _SpecEdgeRun:
     self.total_slots = len(self.free_slots)
     self.slots_available = len(self.free_slots)  # less the opens admitted and not yet run
     self.admission: collections.deque[_Open] = collections.deque()
-    self.slo_admission = (SloAdmission(self.total_slots) if spec.slo_admission else None)
+    self.slo_admission = (slo_admission_lib.for_server(self.total_slots, spec.max_batch_size)
+                          if spec.slo_admission else None)
     self.capacity_trace: list[tuple[float, int]] = []  # (time, SLO admission's capacity)
     self.sessions: dict[int, _Session] = {}
     # The engine thread's state (`EngineWorker`).

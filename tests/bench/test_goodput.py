@@ -241,8 +241,10 @@ def test_command_lines_reproduce_the_configs(tmp_path):
   assert argv[:4] == ["python", "-m", "launch.local", "--out_dir=/out/slo"]
   assert "--netns" in argv and "--netns_rtts=5,14,40,5" in argv
   assert "--verifier_cpus=0" in argv and "--drafter_cpus=1" in argv
-  # The verifier's network threads share the drafters' core, off XLA's (serving/io_threads.py).
-  assert "--verifier_io_cpus=1" in argv
+  # The verifier's network threads stay beside its compute unless asked (serving/io_threads.py).
+  assert not any(a.startswith("--verifier_io_cpus") for a in argv)
+  moved = goodput.command_line(slo, dataclasses.replace(options, verifier_io_cpus=(1,)), "/o")
+  assert "--verifier_io_cpus=1" in moved
   flags = dict(goodput.parse_config_flag(a) for a in argv if a.startswith("--config."))
   assert flags == {k: (tuple(v) if isinstance(v, tuple) else v)
                    for k, v in slo.overrides.items()}

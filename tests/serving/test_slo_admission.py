@@ -11,6 +11,7 @@ import pytest
 
 from specedge_jax.serving.proto import specedge_pb2 as pb
 from specedge_jax.serving.serving_config import BatchingConfig
+from specedge_jax.serving import slo_admission
 from specedge_jax.serving.slo_admission import AdmissionConfig, SloAdmission
 from specedge_jax.testing.fakes import FakeTargetEngine, successor
 from specedge_jax.testing.servers import running_verifier
@@ -98,6 +99,39 @@ def test_the_floor_the_cooldown_and_sessions_without_an_slo():
     AdmissionConfig(min_sessions=0)
   with pytest.raises(ValueError, match="max_sessions"):
     SloAdmission(0)
+
+
+def test_a_marginal_session_cuts_nothing():
+  """A session whose own time (ITL less queue) leaves it under `own_margin` of its SLO for
+  queueing would need a near-empty server: it triggers no cut, and does not block a raise."""
+  admission = SloAdmission(8, FAST)  # own_margin 0.25
+  for name in ("marginal", "roomy"):
+    admission.opened(name, itl_slo_s=SLO, now=0.0)
+  # 0.8 x SLO of its own, over the SLO with 0.3 x SLO of queue: no cut.
+  now = answer_every(admission, ["marginal"], 1.1 * SLO, 3, held=8, queue_s=0.3 * SLO)
+  assert admission.capacity == 8
+  # 0.5 x SLO of its own, over the SLO with the same queue time: it can be saved, so a cut.
+  now = answer_every(admission, ["roomy"], 1.1 * SLO, 2, start=now, held=8,
+                     queue_s=0.6 * SLO)
+  cut = admission.capacity
+  assert cut < 8
+  # "roomy" has room again while opens wait: a raise, "marginal" still over its SLO.
+  answer_every(admission, ["roomy"], 0.5 * SLO, 2, start=now, held=cut, waiting=True,
+               queue_s=0.0)
+  assert admission.capacity > cut and admission.itl_s("marginal") > SLO
+  with pytest.raises(ValueError, match="own_margin"):
+    AdmissionConfig(own_margin=1.0)
+
+
+def test_the_servers_policy_never_holds_fewer_than_one_batch():
+  admission = slo_admission.for_server(16, 4, FAST)
+  assert admission.max_sessions == 16 and admission.config.min_sessions == 4
+  sessions = [f"s{i}" for i in range(16)]
+  for name in sessions:
+    admission.opened(name, itl_slo_s=SLO, now=0.0)
+  answer_every(admission, sessions, 3 * SLO, 20)  # all over by load, round after round
+  assert admission.capacity == 4
+  assert slo_admission.for_server(2, 4).config.min_sessions == 2  # at most the slots
 
 
 def test_opens_past_the_slo_capacity_queue_and_are_admitted_when_it_rises():

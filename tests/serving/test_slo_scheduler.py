@@ -144,21 +144,29 @@ def test_the_estimator_sees_lanes_and_context_too():
 
 
 def test_start_time_waits_only_for_sessions_that_can_join_in_time():
-  pending = [candidate("A", [0.5] * 3, deadline_ms=30, arrival_ms=0)]  # 4 ms whole
+  pending = [candidate("A", [0.5] * 8, deadline_ms=30, arrival_ms=0)]  # 9 ms whole
   kwargs = dict(max_batch_size=4, max_queue_s=1.0, margin_s=1 * MS)
   est = LinearCost()
   assert S.start_time(0.0, [], est, **kwargs) == math.inf
   assert S.start_time(0.0, pending, est, **kwargs) == 0.0  # nobody to wait for
-  # Latest whole start: 30 - 1 - 4 = 25 ms. A joiner due at 10 ms is waited for (+ margin).
-  assert S.start_time(0.0, pending, est, expected_arrivals=[10 * MS], **kwargs) == (
-      pytest.approx(11 * MS))
-  # One due after the latest start is not; neither when the batch is full.
-  assert S.start_time(0.0, pending, est, expected_arrivals=[26 * MS], **kwargs) == 0.0
-  assert S.start_time(0.0, pending, est, expected_arrivals=[10 * MS],
+  # Latest start: min(30 - 1 - 9 (whole by the deadline), 0 + 9 (one forward from now)) = 9 ms.
+  # A joiner due at 5 ms is waited for (+ margin).
+  assert S.start_time(0.0, pending, est, expected_arrivals=[5 * MS], **kwargs) == (
+      pytest.approx(6 * MS))
+  # One due after a forward would find the server free if the batch ran now: not waited for,
+  # though the deadline would allow it (session 20); neither is anyone when the batch is full.
+  assert S.start_time(0.0, pending, est, expected_arrivals=[10 * MS], **kwargs) == 0.0
+  assert S.start_time(0.0, pending, est, expected_arrivals=[5 * MS],
                       **dict(kwargs, max_batch_size=1)) == 0.0
+  # A tight deadline moves the latest start before the forward's: 15 - 1 - 9 = 5 ms.
+  tight = [candidate("A", [0.5] * 8, deadline_ms=15, arrival_ms=0)]
+  assert S.start_time(0.0, tight, est, expected_arrivals=[4.5 * MS, 7 * MS], **kwargs) == (
+      pytest.approx(5 * MS))
   # The starvation bound caps the wait: the oldest arrived at 0 and may wait 5 ms.
-  assert S.start_time(0.0, pending, est, expected_arrivals=[4.5 * MS, 20 * MS],
+  assert S.start_time(0.0, pending, est, expected_arrivals=[4.5 * MS, 8 * MS],
                       **dict(kwargs, max_queue_s=5 * MS)) == pytest.approx(5 * MS)
+  # Re-asked once the joiner is due and has not come: at once.
+  assert S.start_time(6 * MS, pending, est, expected_arrivals=[5 * MS], **kwargs) == 6 * MS
 
 
 # ------------------------------------------------------------------------------------------------

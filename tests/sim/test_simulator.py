@@ -294,15 +294,16 @@ def test_a_bench_gpu_file_is_a_verify_and_decode_table(tmp_path):
 
 
 def test_slo_admission_is_the_real_policy_and_holds_fewer_sessions_under_overload():
-  """Eight edges of two requests against a verifier whose forward grows with the batch, under an
-  SLO that half the load can meet: the real `SloAdmission` cuts the sessions held, opens past its
-  cap wait (TTFT), and the sessions it holds meet the SLO more often than when all are held."""
-  assert simulator.SloAdmission is slo_admission.SloAdmission
-  # 4 ms per lane: a full batch of 16 takes 64 ms, one of 4 lanes 16 ms.
-  per_lane = costs.TableCost(((1, 1, 4.0), (16, 1, 64.0)), source="synthetic")
+  """Eight edges of two requests against a verifier of 4-lane batches whose forward grows with
+  the batch, under an SLO that half the load can meet: the real `SloAdmission` cuts the sessions
+  held (never below one batch), opens past its cap wait (TTFT), and the sessions it holds meet
+  the SLO more often than when all are held."""
+  assert simulator.slo_admission_lib is slo_admission  # the real policy, not a copy
+  # 3 ms per lane: a full batch of 4 lanes takes 12 ms, so 16 sessions queue for 4 batches.
+  per_lane = costs.TableCost(((1, 1, 3.0), (4, 1, 12.0)), source="synthetic")
   base = constant_costs(draft_ms=2.0, commit_ms=0.5)
   model = costs.CostModel(verify=per_lane, decode=per_lane, prefill=base.prefill, edge=base.edge)
-  common = dict(num_edges=8, requests_per_edge=2, max_batch_size=16, itl_slo_ms=20.0,
+  common = dict(num_edges=8, requests_per_edge=2, max_batch_size=4, itl_slo_ms=20.0,
                 rtt=simulator.RttSpec(rtt_s=0.002))
   work = requests(64, output_tokens=32)
   slo = simulator.SloSpec(itl_s=0.020)
@@ -311,6 +312,7 @@ def test_slo_admission_is_the_real_policy_and_holds_fewer_sessions_under_overloa
                                     sweep_path_model())
   capacities = [c for _, c in admitted.admission_capacity]
   assert capacities and min(capacities) < 16  # it cut below the 16 slots
+  assert min(capacities) >= 4  # never below one full batch
   assert held_all.admission_capacity == ()
   before, after = (simulator.summarize(r, slo) for r in (held_all, admitted))
   assert after["generated_tokens"] == before["generated_tokens"] == 64 * 32  # nothing lost
