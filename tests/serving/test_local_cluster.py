@@ -83,10 +83,13 @@ def _children_of_run(out_dir: str) -> list[psutil.Process]:
 @pytest.mark.slow
 def test_ctrl_c_stops_every_child(served_pair_dirs, compilation_cache, tmp_path):
   out_dir = str(tmp_path / "interrupted")
+  # SIGINT as a terminal's Ctrl-C: a suite run in the background hands its children SIGINT
+  # ignored (see the serve-mode test in test_openai_endpoint.py).
   launcher = subprocess.Popen(local_argv(served_pair_dirs, out_dir, compilation_cache,
                                          "--config.workload.max_new_tokens=40"),
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+                              text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     deadline = time.monotonic() + 300
     # Interrupt once the drafters run (their logs exist), i.e. with all children alive.

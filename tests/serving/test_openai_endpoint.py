@@ -242,7 +242,8 @@ def test_the_chat_page_streams_the_target_greedy_answer_in_a_real_browser(stack,
   assert os.path.getsize(screenshot) > 0
 
 
-def test_launch_local_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path):
+def test_launch_local_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path,
+                                                                          compilation_cache):
   """`python -m launch.local --serve` as a user runs it: real processes over mutual TLS, the
   HTTP port from its port file, a chat completion through the `openai` client, then SIGINT
   stops everything with status 0."""
@@ -252,10 +253,15 @@ def test_launch_local_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_pa
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out_dir = tmp_path / "serve"
+  # As from a terminal: a suite run in the background (`cmd &`, nohup, some CI runners) hands
+  # its children SIGINT ignored, and Python then keeps it ignored, so Ctrl-C would do nothing.
   process = subprocess.Popen(
       [sys.executable, "-m", "launch.local", "--serve", "--http_port=0",
-       f"--out_dir={out_dir}"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+       f"--out_dir={out_dir}",
+       # The suite's own cache: the default one under ~/.cache is shared with other processes
+       # (a second pytest worker's launchers, a benchmark), and their compile locks with it.
+       f"--compilation_cache_dir={compilation_cache}"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     port_file = out_dir / "http.port"
     deadline = time.monotonic() + 300
