@@ -89,7 +89,10 @@ class IoThreadPlacer:
   def __init__(self, io_cpus: Sequence[int], poll_s: float = 1.0):
     self.io_cpus = check_io_cpus(io_cpus)
     self._poll_s = poll_s
-    self._main_id = threading.main_thread().native_id
+    main_id = threading.main_thread().native_id
+    if main_id is None:  # only before the main thread runs, never in a serving process
+      raise ValueError("the main thread has no native id yet")
+    self._main_id: int = main_id
     self._placed: dict[int, str] = {}
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
