@@ -160,8 +160,8 @@ class GoodputOptions:
   # The SpecEdge verifier's network threads (gRPC, TLS, its asyncio loop) move here once it
   # serves (serving/io_threads.py), as a GPU server's would run on host cores beside its device.
   # Off by default: on this 2-core box the only other core is the drafters', and there the
-  # threads cost the rounds more network time than they save the forward (none measured;
-  # WORKSPACE_NOTES.md, "The verifier's network threads and the shared memory system").
+  # threads cost every round network time and saved the forward nothing measurable
+  # (WORKSPACE_NOTES.md, "The verifier's network threads and the shared memory system").
   verifier_io_cpus: tuple[int, ...] = ()
   drafter_cpus: tuple[int, ...] = (1,)
   systems: tuple[str, ...] = SYSTEMS
@@ -752,17 +752,19 @@ class PointGoodput:
 
   def interval(self, confidence: float = 0.95) -> tuple[float, float] | None:
     """A t-interval of the mean per-pass goodput; None below two passes."""
-    values = np.asarray(self.per_run, dtype=float)
-    if len(values) < 2:
-      return None
-    half = t_quantile(confidence, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean() - half), float(values.mean() + half)
+    return t_interval(self.per_run, confidence)
 
 
-def t_quantile(confidence: float, dof: int) -> float:
-  """The two-sided Student t quantile (scipy comes with JAX)."""
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
+  """The Student t-interval of the mean of `values`; None below two values (scipy comes with
+  JAX)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top (only intervals need it)
-  return float(stats.t.ppf(0.5 + confidence / 2.0, dof))
+  values = np.asarray(values, dtype=float)
+  if len(values) < 2:
+    return None
+  half = (float(stats.t.ppf(0.5 + confidence / 2.0, len(values) - 1)) *
+          values.std(ddof=1) / math.sqrt(len(values)))
+  return float(values.mean() - half), float(values.mean() + half)
 
 
 def point_goodputs(rows: Sequence[GoodputRow]) -> dict[tuple[str, int], PointGoodput]:
@@ -805,12 +807,10 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float],
   if any(r is None or r == 0 or math.isinf(r) for r in per_run):
     return RatioEstimate(goodput_ratio(sum(numerators), sum(denominators)), None, per_run)
   logs = np.log(np.asarray(per_run, dtype=float))
-  value = float(np.exp(logs.mean()))
-  if len(logs) < 2:
-    return RatioEstimate(value, None, per_run)
-  half = t_quantile(confidence, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs))
-  return RatioEstimate(value, (float(np.exp(logs.mean() - half)),
-                               float(np.exp(logs.mean() + half))), per_run)
+  interval = t_interval(logs, confidence)
+  return RatioEstimate(float(np.exp(logs.mean())),
+                       None if interval is None else (math.exp(interval[0]),
+                                                      math.exp(interval[1])), per_run)
 
 
 def point_efficiencies(rows: Sequence[GoodputRow]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -933,7 +933,7 @@ def summarize(records: Sequence[RunRecord], itl_slo_ms: int, curve: VerifyCurve 
           "prefix_len": curve.prefix_len, "layerwise": curve.layerwise,
           "points": [list(p) for p in curve.points]},
       "capacity": capacity_by_system, "ratios": ratios, "goals": goals,
-      "points": [{**{k: v for k, v in dataclasses.asdict(p).items()}, "goodput": p.goodput,
+      "points": [{**dataclasses.asdict(p), "goodput": p.goodput,
                   "attainment": p.attainment, "interval": p.interval(),
                   "efficiency": efficiencies.get(key)}
                  for key, p in sorted(points.items(), key=lambda kv: (kv[0][1], kv[0][0]))],

@@ -26,7 +26,6 @@ looks again every `poll_s`; a scan reads /proc/self/task (tens of entries).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -57,14 +56,6 @@ def io_thread_ids(names: Mapping[int, str], main_thread_id: int) -> set[int]:
   moved = {main_thread_id} if main_thread_id in names else set()
   moved.update(tid for tid, name in names.items() if name.startswith(GRPC_THREAD_PREFIXES))
   return moved
-
-
-@dataclasses.dataclass
-class Placement:
-  """What a scan did: the threads it moved (tid -> name) and how many it left on compute."""
-
-  moved: dict[int, str]
-  kept: int
 
 
 def check_io_cpus(io_cpus: Sequence[int]) -> set[int]:
@@ -102,7 +93,8 @@ class IoThreadPlacer:
     """Every thread moved so far (tid -> name), live or not."""
     return dict(self._placed)
 
-  def place(self) -> Placement:
+  def place(self) -> dict[int, str]:
+    """Moves the network threads there now; returns those it moved (tid -> name)."""
     names = thread_names()
     moved = {}
     for tid in io_thread_ids(names, self._main_id):
@@ -116,7 +108,7 @@ class IoThreadPlacer:
     if new:
       _log.info("moved %d network thread(s) to cores %s: %s", len(new), sorted(self.io_cpus),
                 ", ".join(sorted(set(new.values()))))
-    return Placement(moved, len(names) - len(moved))
+    return moved
 
   def start(self) -> "IoThreadPlacer":
     self.place()
