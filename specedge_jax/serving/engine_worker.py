@@ -148,6 +148,9 @@ class VerifyOutcome:
   queue_time_s: float
   forward_time_s: float
   batch_size: int
+  # Tree nodes below the root as sent and as verified ('slo' batching may cut a tree).
+  sent_nodes: int = 0
+  kept_nodes: int = 0
 
 
 _STOP = object()
@@ -471,11 +474,13 @@ class EngineWorker:
                         request_ids=[job.request_id for job in batch],
                         accepted_depths=[len(result.accepted) for result in results],
                         truncated_nodes=truncated, estimated_time_s=estimated_s)
-    for job, result, queue_time in zip(batch, results, queue_times):
+    for job, tree, result, queue_time in zip(batch, trees, results, queue_times):
       if result.finished:
         self._active_slots.discard(job.slot)
       self._deliver(job, VerifyOutcome(result=result, queue_time_s=queue_time,
-                                       forward_time_s=ended - started, batch_size=len(batch)))
+                                       forward_time_s=ended - started, batch_size=len(batch),
+                                       sent_nodes=len(job.tree.tokens) - 1,
+                                       kept_nodes=len(tree.tokens) - 1))
     # The answers are on their way; what follows delays none of them, and it is done before this
     # thread takes any later job of these sessions.
     for job, tree, result in zip(batch, trees, results):

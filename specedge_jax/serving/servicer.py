@@ -651,15 +651,18 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
     if state.abandoned:
       self._abandon(session)
 
-  def _advise(self, session: _Session, accepted: int, server_s: float) -> api.TreeLimits:
+  def _advise(self, session: _Session, outcome: VerifyOutcome) -> api.TreeLimits:
     """Feeds the controller this round and asks for the next tree. The server's load is the
     verifies in flight over one full batch."""
     controller = self._controller
     assert controller is not None  # the caller checks
     depth = session.inflight_depth
     controller.observe(session.session_id, speculation_controller.RoundObservation(
-        tree_depth=depth, accepted=accepted, rtt_s=session.inflight_edge_rtt_s,
-        draft_step_s=session.inflight_edge_draft_s / max(depth, 1), server_s=server_s))
+        tree_depth=depth, accepted=len(outcome.result.accepted),
+        rtt_s=session.inflight_edge_rtt_s,
+        draft_step_s=session.inflight_edge_draft_s / max(depth, 1),
+        server_s=outcome.queue_time_s + outcome.forward_time_s,
+        sent_nodes=outcome.sent_nodes, kept_nodes=outcome.kept_nodes))
     in_flight = sum(s.verify_in_flight for s in self.sessions.values())
     return controller.advise(session.session_id,
                              queue_fraction=in_flight / max(self._limits.max_batch_size, 1),
@@ -819,8 +822,7 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
                   self._slo_admission.capacity, len(self.sessions), len(self._admission))
         self._wake_admission()  # a raised capacity lets queued opens in
       if self._controller is not None and not result.finished:
-        advice = self._advise(session, len(result.accepted),
-                              outcome.queue_time_s + outcome.forward_time_s)
+        advice = self._advise(session, outcome)
         session.last_response.next_tree.budget = advice.budget
         session.last_response.next_tree.depth = advice.depth
     elif isinstance(error, RequestError) and error.code == grpc.StatusCode.INTERNAL:

@@ -48,7 +48,18 @@ The plan
    still meet theirs (less `margin_s`). Tree nodes are added in order of expected accepted tokens
    per added node (over each tree's upper concave hull of its cumulative value, so a cheap node
    that opens a valuable one is taken with it) while the estimated batch time stays within the
-   budget. With no binding deadline every tree is kept whole: the batch is bounded by count.
+   budget. With no binding deadline and no backlog every tree is kept whole: the batch is
+   bounded by count.
+4. Under a backlog (a pending request left for a later batch), the server is the bottleneck, and
+   a node costs everyone the forward time it adds. A segment of nodes is then kept only if its
+   expected tokens per second it adds are at least the batch's expected tokens (each lane's
+   bonus plus the kept values) per estimated second so far, on top of any deadline. Where the
+   forward has a large fixed part (memory-bound: reading the weights) nearly every node passes;
+   where it is all per-token cost (compute-bound: a big model at a large batch), trees shrink
+   towards their roots, since a root is already one token per node. Why: in the simulator's
+   Qwen3-14B / A100 model at 100 edges (compute-bound verifies, every round lost, so no deadline
+   bound the batch) whole trees made the forward 28 ms at 5.4 nodes a lane; with this rule
+   it is 20 ms at 3.5 (`launch.simulate --scale`, session 21).
 
 When to start
 -------------
@@ -248,6 +259,43 @@ def _hull_segments(values: Sequence[float]) -> list[tuple[int, float]]:
   return segments
 
 
+def _fill_by_value(chosen: Sequence[Candidate], estimator: VerifyTimeModel, *, budget_s: float,
+                   efficient: bool) -> list[int]:
+  """Each tree's kept prefix, from the roots up: hull segments in order of value per node, each
+  taken whole, else as much of it as fits `budget_s` (inf: no time bound). With `efficient`, a
+  segment is taken only if it brings at least the batch's current expected tokens per estimated
+  second for the time it adds (tokens: each lane's bonus plus the kept nodes' values)."""
+  sizes = [1] * len(chosen)
+  segments = [_hull_segments(c.node_values) for c in chosen]
+  next_segment = [0] * len(chosen)
+  tokens = float(len(chosen))  # the bonus tokens: every lane emits one
+  seconds = estimator.predict_s(_shape(chosen, sizes))
+  heap = [(-segments[j][0][1], j) for j in range(len(chosen)) if segments[j]]
+  heapq.heapify(heap)
+  while heap:
+    _, j = heapq.heappop(heap)
+    length, density = segments[j][next_segment[j]]
+    fits, fits_seconds = 0, seconds
+    for extra in range(length, 0, -1):  # the whole segment, else as much of it as fits
+      trial = list(sizes)
+      trial[j] += extra
+      trial_seconds = estimator.predict_s(_shape(chosen, trial))
+      if trial_seconds > budget_s:
+        continue
+      # Value per second at least the batch's rate (seconds > 0 or the estimate is free).
+      if efficient and density * extra * seconds < tokens * (trial_seconds - seconds):
+        break  # densities only fall from here and the rate only rises: this tree is done
+      fits, fits_seconds = extra, trial_seconds
+      break
+    sizes[j] += fits
+    tokens += density * fits
+    seconds = fits_seconds
+    next_segment[j] += 1
+    if fits == length and next_segment[j] < len(segments[j]):
+      heapq.heappush(heap, (-segments[j][next_segment[j]][1], j))
+  return sizes
+
+
 def plan_batch(now: float, candidates: Sequence[Candidate], estimator: VerifyTimeModel, *,
                max_batch_size: int, max_queue_s: float, margin_s: float = 0.0) -> BatchPlan:
   """The next batch: who is in it and how many nodes of each tree it keeps (module docstring).
@@ -283,28 +331,13 @@ def plan_batch(now: float, candidates: Sequence[Candidate], estimator: VerifyTim
   hopeful = binding(admitted)
   budget = (min(candidates[i].deadline_s for i in hopeful) - now - margin_s if hopeful
             else math.inf)
-  sizes = [1] * len(chosen)
-  if math.isinf(budget):
+  # Someone waits for a later batch: the server is the bottleneck, so a node must pay for the
+  # forward time it adds to everyone (rule 4 of the module docstring).
+  backlog = len(admitted) < len(candidates)
+  if math.isinf(budget) and not backlog:
     sizes = [c.tree_nodes for c in chosen]
   else:
-    segments = [_hull_segments(c.node_values) for c in chosen]
-    next_segment = [0] * len(chosen)
-    heap = [(-segments[j][0][1], j) for j in range(len(chosen)) if segments[j]]
-    heapq.heapify(heap)
-    while heap:
-      _, j = heapq.heappop(heap)
-      length, _ = segments[j][next_segment[j]]
-      fits = 0
-      for extra in range(length, 0, -1):  # the whole segment, else as much of it as fits
-        trial = list(sizes)
-        trial[j] += extra
-        if estimator.predict_s(_shape(chosen, trial)) <= budget:
-          fits = extra
-          break
-      sizes[j] += fits
-      next_segment[j] += 1
-      if fits == length and next_segment[j] < len(segments[j]):
-        heapq.heappush(heap, (-segments[j][next_segment[j]][1], j))
+    sizes = _fill_by_value(chosen, estimator, budget_s=budget, efficient=backlog)
   selections = tuple(
       Selection(key=c.key, keep_nodes=size, tree_nodes=c.tree_nodes,
                 expected_accepted=float(sum(c.node_values[1:size])),

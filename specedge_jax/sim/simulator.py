@@ -687,7 +687,8 @@ class _SpecEdgeRun:
         self.controller.observe(key, RoundObservation(
             tree_depth=job.tree.max_depth, accepted=len(accepted_nodes), rtt_s=job.edge_rtt_s,
             draft_step_s=job.draft_s / max(job.tree.max_depth, 1),
-            server_s=ended - job.enqueued_at))
+            server_s=ended - job.enqueued_at, sent_nodes=job.tree.size - 1,
+            kept_nodes=kept - 1))
         in_flight = waiting + len(batch) - position - 1
         limits = self.controller.advise(
             key, queue_fraction=in_flight / self.spec.max_batch_size,

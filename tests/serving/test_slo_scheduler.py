@@ -60,14 +60,42 @@ def cuts(plan):
 
 
 def test_edf_admission_under_a_count_cap_keeps_whole_trees_when_time_allows():
+  # A forward with a fixed cost (2 ms, the weights' read) and cheap tree tokens (0.1 ms): every
+  # node here brings more tokens per second than the batch's rate, so trees stay whole.
   queue = [candidate("late_deadline", [0.9], deadline_ms=90),
            candidate("first", [0.5, 0.4], deadline_ms=30),
-           candidate("second", [0.1], deadline_ms=40)]
-  plan = S.plan_batch(0.0, queue, LinearCost(), max_batch_size=2, max_queue_s=1.0)
+           candidate("second", [0.3], deadline_ms=40)]
+  cost = LinearCost(per_token_ms=0.1, intercept_ms=2.0)
+  plan = S.plan_batch(0.0, queue, cost, max_batch_size=2, max_queue_s=1.0)
   assert cuts(plan) == [("first", 3), ("second", 2)]  # by deadline, not by value or order
   assert plan.truncated_nodes == 0
-  assert plan.estimated_s == pytest.approx(5 * MS)
+  assert plan.estimated_s == pytest.approx(2.5 * MS)
   assert plan.budget_s == pytest.approx(30 * MS)
+
+
+def test_with_a_backlog_a_node_must_bring_the_batch_rate_for_the_time_it_adds():
+  # Someone waits for the next batch (max_batch_size 2 of 3), so the server is the bottleneck.
+  # Roots: 2 tokens in 2.2 ms. A's .9 (9 tokens/ms for its 0.1 ms) and B's .5 and .4 pass; the
+  # rate is then 3.8 tokens / 2.5 ms = 1.52 per ms, and A's .1 (1 per ms) does not.
+  cost = LinearCost(per_token_ms=0.1, intercept_ms=2.0)
+  queue = [candidate("A", [0.9, 0.1], deadline_ms=500),
+           candidate("B", [0.5, 0.4], deadline_ms=600),
+           candidate("waits", [0.5], deadline_ms=700)]
+  plan = S.plan_batch(0.0, queue, cost, max_batch_size=2, max_queue_s=1.0)
+  assert cuts(plan) == [("A", 2), ("B", 3)]
+  assert plan.estimated_s == pytest.approx(2.5 * MS)
+  # Without the backlog and with no binding deadline the same trees go whole.
+  plan = S.plan_batch(0.0, queue, cost, max_batch_size=3, max_queue_s=1.0)
+  assert plan.truncated_nodes == 0
+  # A forward that is all per-token cost (compute-bound, no fixed part): a root alone is a
+  # token per node and no draft node is worth more, so under a backlog trees go to their roots,
+  # as autoregressive decoding would.
+  plan = S.plan_batch(0.0, queue, LinearCost(), max_batch_size=2, max_queue_s=1.0)
+  assert cuts(plan) == [("A", 1), ("B", 1)]
+  # A deadline still bounds the time on top: A's 2.35 ms leaves room for one node, its .9.
+  queue[0] = candidate("A", [0.9, 0.1], deadline_ms=2.35)
+  plan = S.plan_batch(0.0, queue, cost, max_batch_size=2, max_queue_s=1.0)
+  assert cuts(plan) == [("A", 2), ("B", 1)] and plan.budget_s == pytest.approx(2.35 * MS)
 
 
 def test_the_earliest_deadline_sets_the_budget_and_nodes_go_by_value():
@@ -250,11 +278,12 @@ def test_a_round_the_edge_already_lost_goes_behind_one_that_can_still_make_it():
   assert lost.lost and not savable.lost
   queue = [lost, savable]
   # One lane: the round that can still meet its deadline (20 ms) runs; the lost one, which
-  # arrived first, waits, and runs first once it reaches the starvation bound.
-  plan = S.plan_batch(6 * MS, queue, LinearCost(), max_batch_size=1, max_queue_s=max_queue_s)
+  # arrived first, waits, and runs first once it reaches the starvation bound. (A fixed 2 ms
+  # per forward makes the .5 node worth its 1 ms under the backlog.)
+  cost = LinearCost(intercept_ms=2.0)
+  plan = S.plan_batch(6 * MS, queue, cost, max_batch_size=1, max_queue_s=max_queue_s)
   assert cuts(plan) == [("savable", 2)]
-  overdue = S.plan_batch(max_queue_s, queue, LinearCost(), max_batch_size=1,
-                         max_queue_s=max_queue_s)
+  overdue = S.plan_batch(max_queue_s, queue, cost, max_batch_size=1, max_queue_s=max_queue_s)
   assert cuts(overdue) == [("lost", 2)] and overdue.selections[0].overdue
   # A lost round waits for no one: with it pending the batch starts at once.
   assert S.start_time(6 * MS, [lost], LinearCost(), max_batch_size=4, max_queue_s=max_queue_s,
@@ -402,6 +431,40 @@ def test_slo_mode_with_fakes_cuts_trees_and_stays_exact(itl_slo_ms, expect_cuts)
       assert output.tokens == expected_output(request.prompt_ids, 12, VOCAB)
   assert truncated == _truncated(log.events)
   assert (truncated > 0) == expect_cuts
+
+
+def test_the_controller_advises_no_more_nodes_than_the_verifier_kept():
+  """Over gRPC with fakes: 'slo' batching cuts a 10-node tree for the session's 30 ms SLO (the
+  estimate: 10 ms a tree token), and the advice in the same answer asks for no more nodes than
+  were kept, so the edge does not draft what would be cut again."""
+  from specedge_jax import api  # pylint: disable=g-import-not-at-top
+  from specedge_jax.serving.proto import specedge_pb2 as pb  # pylint: disable=g-import-not-at-top
+  from specedge_jax.serving.speculation_controller import (  # pylint: disable=g-import-not-at-top
+      SpeculationController)
+
+  caps = api.TreeParams(max_n_beams=4, max_beam_len=4, max_branch_width=4, max_budget=12)
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
+  batching = BatchingConfig(mode="slo", max_queue_ms=500.0, slo_margin_ms=0.0)
+
+  async def scenario():
+    async with running_verifier(target, batching=batching,
+                                controller=SpeculationController(caps),
+                                verify_time=FixedCost((0.0, 0.0, 10.0, 0.0))) as (server, _,
+                                                                                stub):
+      opened = await stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[1, 2],
+                                                            max_new_tokens=8, itl_slo_ms=30))
+      root = opened.first_token
+      tokens = [(root + 1 + i) % VOCAB for i in range(9)]  # a chain of 9 below the root
+      answer = await stub.Verify(pb.VerifyRequest(
+          session_id=opened.session_id, root_token=root, tokens=tokens,
+          parents=list(range(9)), edge_rtt_s=0.001, edge_draft_s=0.001))
+      return answer, server.worker.truncated_nodes
+
+  answer, truncated = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+  kept_below_root = 9 - truncated
+  assert 0 < truncated < 9
+  assert 1 <= answer.next_tree.budget <= kept_below_root
+  assert answer.next_tree.depth <= answer.next_tree.budget
 
 
 @pytest.mark.slow  # 20-37 s on the 2-core box, most of it compiling the tiny pair's programs

@@ -75,6 +75,37 @@ def test_under_a_full_queue_only_sessions_with_slo_slack_give_nodes_back():
     ControllerConfig(slack_for_full_shrink=0.0)
 
 
+def test_the_budget_follows_what_the_verifier_keeps_and_lifts_when_cuts_stop():
+  # The session of the test above that keeps its whole budget over its SLO, but now its verifier
+  # cuts every tree to 5 of the 32 nodes sent (a compute-bound verify): drafting more is waste.
+  trace = [3, 2, 4, 3]
+  config = ControllerConfig(itl_slo_s=0.030)
+  controller = trained(trace, config=config, rtt_s=0.120, server_s=0.010, draft_step_s=0.001)
+  assert controller.advise("s", queue_fraction=1.0).budget == CAPS.max_budget
+  never_cut = trained(trace, config=config, rtt_s=0.120, server_s=0.010, draft_step_s=0.001,
+                      sent_nodes=32, kept_nodes=32)
+  assert never_cut.advise("s", queue_fraction=1.0).budget == CAPS.max_budget  # no cap at all
+  for _ in range(30):
+    controller.observe("s", RoundObservation(tree_depth=4, accepted=2, rtt_s=0.120,
+                                             server_s=0.010, draft_step_s=0.001,
+                                             sent_nodes=32, kept_nodes=5))
+  capped = controller.advise("s", queue_fraction=1.0)
+  assert capped.budget == 5 and capped.depth <= 5
+  assert controller.advise("s", queue_fraction=0.0).budget == 5  # a cap, whatever the queue
+  # The cuts stop: each whole tree probes upwards (about 10 % a round), and the cap is gone
+  # within two dozen rounds (5 -> 32 nodes).
+  budgets = []
+  for _ in range(24):
+    sent = controller.advise("s").budget
+    controller.observe("s", RoundObservation(tree_depth=4, accepted=2, rtt_s=0.120,
+                                             server_s=0.010, draft_step_s=0.001,
+                                             sent_nodes=sent, kept_nodes=sent))
+    budgets.append(controller.advise("s").budget)
+  assert budgets == sorted(budgets) and budgets[0] >= 5
+  assert budgets[-1] == CAPS.max_budget
+  assert controller.advise("s", queue_fraction=1.0).budget == CAPS.max_budget  # no cap left
+
+
 def test_an_slo_no_depth_meets_gets_the_depth_with_the_least_time_per_token():
   # A 100 ms round trip dominates: no tree meets 10 ms per token, and depth 1 (one round trip
   # per ~1.7 tokens) would be the worst choice; the deepest tree amortizes the round trip best.
