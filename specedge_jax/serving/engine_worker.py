@@ -148,9 +148,11 @@ class VerifyOutcome:
   queue_time_s: float
   forward_time_s: float
   batch_size: int
-  # Tree nodes below the root as sent and as verified ('slo' batching may cut a tree).
+  # Tree nodes below the root as sent and as verified ('slo' batching may cut a tree), and
+  # whether the cut was for worth (`slo_scheduler.Selection.cut_for_worth`).
   sent_nodes: int = 0
   kept_nodes: int = 0
+  cut_for_worth: bool = False
 
 
 _STOP = object()
@@ -413,9 +415,10 @@ class EngineWorker:
     self._slots.pop(job.slot, None)
     self._engine.close(job.slot)
 
-  def _take_slo_batch(self) -> tuple[list[_VerifyJob], list[DraftTree], float]:
-    """The batch `slo_scheduler.plan_batch` picks, its trees cut to the planned prefixes, and
-    the estimated forward time; the rest stays pending, in order."""
+  def _take_slo_batch(self) -> tuple[list[_VerifyJob], list[DraftTree], float, list[bool]]:
+    """The batch `slo_scheduler.plan_batch` picks, its trees cut to the planned prefixes, the
+    estimated forward time and which trees were cut for worth; the rest stays pending, in
+    order."""
     batching = self._batching
     plan = slo_scheduler.plan_batch(
         time.time(), self._candidates(), self.verify_time, max_batch_size=self._max_batch_size,
@@ -428,16 +431,17 @@ class EngineWorker:
              DraftTree(tokens=job.tree.tokens[:selection.keep_nodes],
                        parents=job.tree.parents[:selection.keep_nodes])
              for job, selection in zip(batch, plan.selections)]
-    return batch, trees, plan.estimated_s
+    return batch, trees, plan.estimated_s, [s.cut_for_worth for s in plan.selections]
 
   def _run_batch(self) -> None:
     batch: list[_VerifyJob] = []
     if self._batching.mode == "slo":
-      batch, trees, estimated_s = self._take_slo_batch()
+      batch, trees, estimated_s, worth_cut = self._take_slo_batch()
     else:
       while self._pending and len(batch) < self._max_batch_size:
         batch.append(self._pending.popleft())
       trees = [job.tree for job in batch]
+      worth_cut = [False] * len(batch)
       estimated_s = self.verify_time.predict_s(self._shape(batch, trees))
     # A static batch that ran with room left waited for the due sessions that did not join:
     # stop waiting for them.
@@ -474,13 +478,15 @@ class EngineWorker:
                         request_ids=[job.request_id for job in batch],
                         accepted_depths=[len(result.accepted) for result in results],
                         truncated_nodes=truncated, estimated_time_s=estimated_s)
-    for job, tree, result, queue_time in zip(batch, trees, results, queue_times):
+    for job, tree, result, queue_time, cut_for_worth in zip(batch, trees, results, queue_times,
+                                                             worth_cut):
       if result.finished:
         self._active_slots.discard(job.slot)
       self._deliver(job, VerifyOutcome(result=result, queue_time_s=queue_time,
                                        forward_time_s=ended - started, batch_size=len(batch),
                                        sent_nodes=len(job.tree.tokens) - 1,
-                                       kept_nodes=len(tree.tokens) - 1))
+                                       kept_nodes=len(tree.tokens) - 1,
+                                       cut_for_worth=cut_for_worth))
     # The answers are on their way; what follows delays none of them, and it is done before this
     # thread takes any later job of these sessions.
     for job, tree, result in zip(batch, trees, results):

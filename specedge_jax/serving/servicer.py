@@ -662,7 +662,8 @@ class VerifierServicer(specedge_pb2_grpc.VerifierServicer):
         rtt_s=session.inflight_edge_rtt_s,
         draft_step_s=session.inflight_edge_draft_s / max(depth, 1),
         server_s=outcome.queue_time_s + outcome.forward_time_s,
-        sent_nodes=outcome.sent_nodes, kept_nodes=outcome.kept_nodes))
+        **speculation_controller.tree_report(outcome.sent_nodes, outcome.kept_nodes,
+                                             outcome.cut_for_worth)))
     in_flight = sum(s.verify_in_flight for s in self.sessions.values())
     return controller.advise(session.session_id,
                              queue_fraction=in_flight / max(self._limits.max_batch_size, 1),

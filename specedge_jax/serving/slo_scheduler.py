@@ -228,6 +228,9 @@ class Selection:
   tree_nodes: int
   expected_accepted: float  # sum of the kept nodes' values
   overdue: bool  # admitted by the starvation bound
+  # Cut because its next nodes were not worth the forward time they add (rule 4), not because
+  # of a deadline: the speculation controller follows these cuts, a deadline's are per batch.
+  cut_for_worth: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,12 +263,14 @@ def _hull_segments(values: Sequence[float]) -> list[tuple[int, float]]:
 
 
 def _fill_by_value(chosen: Sequence[Candidate], estimator: VerifyTimeModel, *, budget_s: float,
-                   efficient: bool) -> list[int]:
+                   efficient: bool) -> tuple[list[int], list[bool]]:
   """Each tree's kept prefix, from the roots up: hull segments in order of value per node, each
   taken whole, else as much of it as fits `budget_s` (inf: no time bound). With `efficient`, a
   segment is taken only if it brings at least the batch's current expected tokens per estimated
-  second for the time it adds (tokens: each lane's bonus plus the kept nodes' values)."""
+  second for the time it adds (tokens: each lane's bonus plus the kept nodes' values). Also
+  returns which trees that test stopped (`Selection.cut_for_worth`)."""
   sizes = [1] * len(chosen)
+  worth_cut = [False] * len(chosen)
   segments = [_hull_segments(c.node_values) for c in chosen]
   next_segment = [0] * len(chosen)
   tokens = float(len(chosen))  # the bonus tokens: every lane emits one
@@ -284,6 +289,7 @@ def _fill_by_value(chosen: Sequence[Candidate], estimator: VerifyTimeModel, *, b
         continue
       # Value per second at least the batch's rate (seconds > 0 or the estimate is free).
       if efficient and density * extra * seconds < tokens * (trial_seconds - seconds):
+        worth_cut[j] = True
         break  # densities only fall from here and the rate only rises: this tree is done
       fits, fits_seconds = extra, trial_seconds
       break
@@ -293,7 +299,7 @@ def _fill_by_value(chosen: Sequence[Candidate], estimator: VerifyTimeModel, *, b
     next_segment[j] += 1
     if fits == length and next_segment[j] < len(segments[j]):
       heapq.heappush(heap, (-segments[j][next_segment[j]][1], j))
-  return sizes
+  return sizes, worth_cut
 
 
 def plan_batch(now: float, candidates: Sequence[Candidate], estimator: VerifyTimeModel, *,
@@ -335,14 +341,14 @@ def plan_batch(now: float, candidates: Sequence[Candidate], estimator: VerifyTim
   # forward time it adds to everyone (rule 4 of the module docstring).
   backlog = len(admitted) < len(candidates)
   if math.isinf(budget) and not backlog:
-    sizes = [c.tree_nodes for c in chosen]
+    sizes, worth_cut = [c.tree_nodes for c in chosen], [False] * len(chosen)
   else:
-    sizes = _fill_by_value(chosen, estimator, budget_s=budget, efficient=backlog)
+    sizes, worth_cut = _fill_by_value(chosen, estimator, budget_s=budget, efficient=backlog)
   selections = tuple(
       Selection(key=c.key, keep_nodes=size, tree_nodes=c.tree_nodes,
                 expected_accepted=float(sum(c.node_values[1:size])),
-                overdue=i in is_overdue)
-      for i, c, size in zip(admitted, chosen, sizes))
+                overdue=i in is_overdue, cut_for_worth=cut and size < c.tree_nodes)
+      for i, c, size, cut in zip(admitted, chosen, sizes, worth_cut))
   return BatchPlan(selections=selections,
                    estimated_s=estimator.predict_s(_shape(chosen, sizes)) if chosen else 0.0,
                    budget_s=budget)

@@ -22,9 +22,10 @@ Per session it keeps exponential moving averages of
   only sessions with slack give nodes back: one near or over its target needs every token a
   round can bring (each round pays the RTT again), so its shrink is scaled by its slack,
   1 - estimated ITL / SLO, over `slack_for_full_shrink`;
-- and never more than the verifier keeps: where 'slo' batching cuts a session's trees (a node
-  must be worth the forward time it adds to the batch, `slo_scheduler` rule 4), the budget
-  follows an EMA of the nodes kept, probing upwards on every whole tree. Why: the slack rule
+- and never more than the verifier keeps: where 'slo' batching cuts a session's trees because
+  their nodes are not worth the forward time they add (`slo_scheduler` rule 4; not its
+  per-batch deadline cuts), the budget follows an EMA of the nodes kept, probing upwards on
+  every whole tree. With fewer nodes the advised depth falls too, so the edge's draft time. Why: the slack rule
   keeps trees whole for sessions over their SLO, right when the round is mostly RTT (this CPU)
   and wrong when the verify is compute-bound (a 14B target at batch 50: in the simulator's A100
   model at 100 edges it cut goodput from 400 to 77 tok/s, session 21); the verifier's cut,
@@ -56,6 +57,16 @@ class RoundObservation:
   kept_nodes: int = 0
 
 
+def tree_report(sent_nodes: int, kept_nodes: int, cut_for_worth: bool) -> dict[str, int]:
+  """`RoundObservation`'s sent/kept fields for a verified tree: a whole tree, or one cut because
+  its nodes were not worth their forward time (`slo_scheduler.Selection.cut_for_worth`), tells
+  the controller what the verifier keeps; a deadline's cut is about that one batch, so it tells
+  nothing (0, 0)."""
+  if kept_nodes >= sent_nodes or cut_for_worth:
+    return {"sent_nodes": sent_nodes, "kept_nodes": min(kept_nodes, sent_nodes)}
+  return {"sent_nodes": 0, "kept_nodes": 0}
+
+
 @dataclasses.dataclass
 class _SessionState:
   survival: list[float]
@@ -63,7 +74,7 @@ class _SessionState:
   draft_step_s: float = 0.0
   server_s: float = 0.0
   rounds: int = 0
-  kept_cap: float = 0.0  # EMA of the nodes the verifier would keep (0: no cut seen yet)
+  kept_cap: float | None = None  # EMA of the nodes the verifier would keep (None: no cut yet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +126,9 @@ class SpeculationController:
       survived = 1.0 if round_.accepted >= d else 0.0
       state.survival[d - 1] += alpha * (survived - state.survival[d - 1])
     if round_.sent_nodes > 0 and round_.kept_nodes < round_.sent_nodes:
-      state.kept_cap = (round_.kept_nodes if state.kept_cap == 0 else
+      state.kept_cap = (float(round_.kept_nodes) if state.kept_cap is None else
                         state.kept_cap + alpha * (round_.kept_nodes - state.kept_cap))
-    elif round_.sent_nodes > 0 and state.kept_cap > 0:
+    elif round_.sent_nodes > 0 and state.kept_cap is not None:
       # A whole tree says only that the verifier would have kept that many: probe upwards (half
       # as much again, smoothed: about 10 % a round), so a cap set under load lifts once cuts
       # stop, and is dropped when it no longer binds. (Unsmoothed jumps and +1 steps were
@@ -126,7 +137,7 @@ class SpeculationController:
       probe = max(1.5 * round_.sent_nodes, round_.sent_nodes + 1.0)
       state.kept_cap += alpha * (probe - state.kept_cap)
       if state.kept_cap > self.caps.max_budget:
-        state.kept_cap = 0.0
+        state.kept_cap = None
     for name in ("rtt_s", "draft_step_s", "server_s"):
       value = getattr(round_, name)
       if value > 0:
@@ -171,7 +182,7 @@ class SpeculationController:
       pressure *= min(max(slack / self.config.slack_for_full_shrink, 0.0), 1.0)
     scale = 1.0 - (1.0 - self.config.min_budget_fraction) * pressure
     budget = max(depth, int(math.floor(self.caps.max_budget * scale)))
-    if state.kept_cap > 0:
+    if state.kept_cap is not None:
       # Do not draft what the verifier cuts: its batches keep a node only while the node is worth
       # its time there, which it knows (its verify-time estimate) and the edge does not.
       budget = min(budget, max(1, math.ceil(state.kept_cap)))

@@ -60,6 +60,7 @@ from specedge_jax.serving import slo_admission as slo_admission_lib
 from specedge_jax.serving.speculation_controller import (
   ControllerConfig,
   RoundObservation,
+  tree_report,
   SpeculationController,
 )
 from specedge_jax.serving.verify_time import (
@@ -639,8 +640,8 @@ class _SpecEdgeRun:
     job.reply(None)
     self._wake_admission()
 
-  def _take(self) -> tuple[list[_Verify], list[int]]:
-    """The next batch and how many nodes of each tree it keeps."""
+  def _take(self) -> tuple[list[_Verify], list[int], list[bool]]:
+    """The next batch, how many nodes of each tree it keeps, and which were cut for worth."""
     spec = self.spec
     if self.slo is None:
       batch = [self.pending.popleft() for _ in range(min(spec.max_batch_size, len(self.pending)))]
@@ -648,16 +649,17 @@ class _SpecEdgeRun:
           spec.batching, batch_slots=[job.slot for job in batch],
           still_pending_slots=[job.slot for job in self.pending], active_slots=self.active,
           late_slots=self.late, max_batch_size=spec.max_batch_size)
-      return batch, [job.tree.size for job in batch]
+      return batch, [job.tree.size for job in batch], [False] * len(batch)
     jobs = list(self.pending)
     plan = self.slo.plan(self.loop.now, [job.slo for job in jobs])
     chosen = {selection.key for selection in plan.selections}
     self.pending = collections.deque(job for i, job in enumerate(jobs) if i not in chosen)
     batch = [jobs[int(selection.key)] for selection in plan.selections]
-    return batch, [selection.keep_nodes for selection in plan.selections]
+    return (batch, [selection.keep_nodes for selection in plan.selections],
+            [selection.cut_for_worth for selection in plan.selections])
 
   def _run_batch(self) -> Iterator[tuple]:
-    batch, keep = self._take()
+    batch, keep, worth_cut = self._take()
     shape = BatchShape.of(keep, [self.sessions[job.slot].context for job in batch])
     started = self.loop.now
     yield ("busy", self.verify_cost.seconds(shape))
@@ -667,7 +669,7 @@ class _SpecEdgeRun:
     # The controller's load signal, as the servicer computes it (`Servicer._advise`): the
     # verifies in flight (sent, not yet answered) over one full batch.
     waiting = len(self.pending) + sum(isinstance(job, _Verify) for job in self.inbox)
-    for position, (job, kept) in enumerate(zip(batch, keep)):
+    for position, (job, kept, cut_for_worth) in enumerate(zip(batch, keep, worth_cut)):
       session = self.sessions[job.slot]
       accepted_nodes, full_path = self._accept(session, job.tree, kept)
       remaining = session.request.output_tokens - session.generated
@@ -687,8 +689,8 @@ class _SpecEdgeRun:
         self.controller.observe(key, RoundObservation(
             tree_depth=job.tree.max_depth, accepted=len(accepted_nodes), rtt_s=job.edge_rtt_s,
             draft_step_s=job.draft_s / max(job.tree.max_depth, 1),
-            server_s=ended - job.enqueued_at, sent_nodes=job.tree.size - 1,
-            kept_nodes=kept - 1))
+            server_s=ended - job.enqueued_at,
+            **tree_report(job.tree.size - 1, kept - 1, cut_for_worth)))
         in_flight = waiting + len(batch) - position - 1
         limits = self.controller.advise(
             key, queue_fraction=in_flight / self.spec.max_batch_size,

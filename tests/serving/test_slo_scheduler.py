@@ -84,6 +84,7 @@ def test_with_a_backlog_a_node_must_bring_the_batch_rate_for_the_time_it_adds():
   plan = S.plan_batch(0.0, queue, cost, max_batch_size=2, max_queue_s=1.0)
   assert cuts(plan) == [("A", 2), ("B", 3)]
   assert plan.estimated_s == pytest.approx(2.5 * MS)
+  assert [s.cut_for_worth for s in plan.selections] == [True, False]  # B went whole
   # Without the backlog and with no binding deadline the same trees go whole.
   plan = S.plan_batch(0.0, queue, cost, max_batch_size=3, max_queue_s=1.0)
   assert plan.truncated_nodes == 0
@@ -96,6 +97,7 @@ def test_with_a_backlog_a_node_must_bring_the_batch_rate_for_the_time_it_adds():
   queue[0] = candidate("A", [0.9, 0.1], deadline_ms=2.35)
   plan = S.plan_batch(0.0, queue, cost, max_batch_size=2, max_queue_s=1.0)
   assert cuts(plan) == [("A", 2), ("B", 1)] and plan.budget_s == pytest.approx(2.35 * MS)
+  assert not any(s.cut_for_worth for s in plan.selections)  # the deadline cut them
 
 
 def test_the_earliest_deadline_sets_the_budget_and_nodes_go_by_value():
@@ -433,38 +435,60 @@ def test_slo_mode_with_fakes_cuts_trees_and_stays_exact(itl_slo_ms, expect_cuts)
   assert (truncated > 0) == expect_cuts
 
 
-def test_the_controller_advises_no_more_nodes_than_the_verifier_kept():
-  """Over gRPC with fakes: 'slo' batching cuts a 10-node tree for the session's 30 ms SLO (the
-  estimate: 10 ms a tree token), and the advice in the same answer asks for no more nodes than
-  were kept, so the edge does not draft what would be cut again."""
+def test_the_controller_follows_the_verifiers_cuts_for_worth_not_its_deadline_cuts():
+  """Over gRPC with fakes, one lane per batch and a compute-bound estimate (10 ms a tree token,
+  nothing fixed). B and C send 9-node chains while A's forward (0.3 s) runs, so B's batch has C
+  waiting behind it: B's chain is cut to its root for worth (no node brings the batch's token
+  a 10 ms), and its advice asks for no more than that. C then runs with nobody waiting and no
+  binding deadline: whole, and its advice keeps the full budget. A session whose chain a tight
+  SLO cuts (a deadline's cut, about that one batch) keeps its budget too."""
   from specedge_jax import api  # pylint: disable=g-import-not-at-top
   from specedge_jax.serving.proto import specedge_pb2 as pb  # pylint: disable=g-import-not-at-top
   from specedge_jax.serving.speculation_controller import (  # pylint: disable=g-import-not-at-top
       SpeculationController)
 
   caps = api.TreeParams(max_n_beams=4, max_beam_len=4, max_branch_width=4, max_budget=12)
-  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=2, max_batch_size=2)
-  batching = BatchingConfig(mode="slo", max_queue_ms=500.0, slo_margin_ms=0.0)
+  target = FakeTargetEngine(vocab_size=VOCAB, num_slots=4, max_batch_size=1,
+                            forward_delay_s=0.3)
+  batching = BatchingConfig(mode="slo", max_queue_ms=5000.0, slo_margin_ms=0.0)
+
+  def chain(opened):
+    root = opened.first_token
+    return pb.VerifyRequest(session_id=opened.session_id, root_token=root,
+                            tokens=[(root + 1 + i) % VOCAB for i in range(9)],
+                            parents=list(range(9)), edge_rtt_s=0.001, edge_draft_s=0.001)
 
   async def scenario():
     async with running_verifier(target, batching=batching,
                                 controller=SpeculationController(caps),
                                 verify_time=FixedCost((0.0, 0.0, 10.0, 0.0))) as (server, _,
                                                                                 stub):
-      opened = await stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[1, 2],
-                                                            max_new_tokens=8, itl_slo_ms=30))
-      root = opened.first_token
-      tokens = [(root + 1 + i) % VOCAB for i in range(9)]  # a chain of 9 below the root
-      answer = await stub.Verify(pb.VerifyRequest(
-          session_id=opened.session_id, root_token=root, tokens=tokens,
-          parents=list(range(9)), edge_rtt_s=0.001, edge_draft_s=0.001))
-      return answer, server.worker.truncated_nodes
+      a, b, c = [await stub.OpenSession(pb.OpenSessionRequest(
+          prompt_token_ids=[1, 2 + i], max_new_tokens=20)) for i in range(3)]
+      first = asyncio.ensure_future(stub.Verify(pb.VerifyRequest(
+          session_id=a.session_id, root_token=a.first_token)))
+      await asyncio.sleep(0.1)  # A's forward is running
+      second = asyncio.ensure_future(stub.Verify(chain(b)))
+      await asyncio.sleep(0.02)  # B is the earlier arrival (EDF ties go to it)
+      third = asyncio.ensure_future(stub.Verify(chain(c)))
+      await first
+      answer_b, answer_c = await second, await third
+      cut_before = server.worker.truncated_nodes
+      # Opened just now: its edge has spent nothing of the round's budget yet.
+      tight = await stub.OpenSession(pb.OpenSessionRequest(prompt_token_ids=[1, 9],
+                                                           max_new_tokens=20, itl_slo_ms=30))
+      answer_tight = await stub.Verify(chain(tight))
+      return answer_b, answer_c, answer_tight, cut_before, server.worker.truncated_nodes
 
-  answer, truncated = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
-  kept_below_root = 9 - truncated
-  assert 0 < truncated < 9
-  assert 1 <= answer.next_tree.budget <= kept_below_root
-  assert answer.next_tree.depth <= answer.next_tree.budget
+  answer_b, answer_c, answer_tight, cut_bc, cut_all = asyncio.run(
+      asyncio.wait_for(scenario(), timeout=30))
+  assert cut_bc == 9  # all nine of B's nodes below the root; C whole
+  assert len(answer_b.emitted_tokens) >= 1
+  assert answer_b.next_tree.budget == 1 and answer_b.next_tree.depth == 1
+  assert answer_c.next_tree.budget == caps.max_budget
+  # 30 ms x ~2 expected tokens leaves time for a few of the tight session's nine nodes.
+  assert 0 < cut_all - cut_bc < 9
+  assert answer_tight.next_tree.budget == caps.max_budget
 
 
 @pytest.mark.slow  # 20-37 s on the 2-core box, most of it compiling the tiny pair's programs
