@@ -51,9 +51,10 @@ The plan
    budget. With no binding deadline and no backlog every tree is kept whole: the batch is
    bounded by count.
 4. Under a backlog (a pending request left for a later batch), the server is the bottleneck, and
-   a node costs everyone the forward time it adds. A segment of nodes is then kept only if its
-   expected tokens per second it adds are at least the batch's expected tokens (each lane's
-   bonus plus the kept values) per estimated second so far, on top of any deadline. Where the
+   a node costs everyone the forward time it adds. A segment of nodes is then kept only if the
+   expected tokens it adds, per second of forward it adds, are at least the batch's expected
+   tokens (each lane's bonus plus the kept values) per estimated second so far, on top of any
+   deadline. Where the
    forward has a large fixed part (memory-bound: reading the weights) nearly every node passes;
    where it is all per-token cost (compute-bound: a big model at a large batch), trees shrink
    towards their roots, since a root is already one token per node. Why: in the simulator's

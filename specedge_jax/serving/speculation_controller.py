@@ -25,8 +25,9 @@ Per session it keeps exponential moving averages of
 - and never more than the verifier keeps: where 'slo' batching cuts a session's trees because
   their nodes are not worth the forward time they add (`slo_scheduler` rule 4; not its
   per-batch deadline cuts), the budget follows an EMA of the nodes kept, probing upwards on
-  every whole tree. With fewer nodes the advised depth falls too, so the edge's draft time. Why: the slack rule
-  keeps trees whole for sessions over their SLO, right when the round is mostly RTT (this CPU)
+  every whole tree. With fewer nodes the advised depth falls too, and with it the edge's draft
+  time. Why: the slack rule keeps trees whole for sessions over their SLO, right when the round
+  is mostly RTT (this CPU)
   and wrong when the verify is compute-bound (a 14B target at batch 50: in the simulator's A100
   model at 100 edges it cut goodput from 400 to 77 tok/s, session 21); the verifier's cut,
   which prices a node with the verify-time estimate, tells the two apart.
